@@ -1,0 +1,1 @@
+"""One module per `polycom-lm` subcommand (see `polycom_lm.cli`)."""
