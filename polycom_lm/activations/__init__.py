@@ -1,0 +1,28 @@
+"""Activation functions, selected by name from the `ACTIVATIONS` registry.
+
+Every activation class declares `gated` (consumes [..., 2w] laid out as `[gate | up]`, returns [..., w]),
+`normalizes_over_width` (needs row statistics over the full FFN width under tensor parallelism) and
+`has_coefficients` (learnable `weight` / `bias` the trainer logs).
+"""
+
+from polycom_lm.activations.registry import ACTIVATIONS, build_activation, build_activation_from_config
+
+# Importing the families registers their classes.
+from polycom_lm.activations import elementwise, gated, polycom  # noqa: E402,F401  isort: skip
+from polycom_lm.activations.elementwise import GELU, ReLU, SquaredReLU  # noqa: E402
+from polycom_lm.activations.gated import GEGLU, SwiGLU  # noqa: E402
+from polycom_lm.activations.polycom import Poly, PolyNorm, PolyReLU  # noqa: E402
+
+__all__ = [
+    "ACTIVATIONS",
+    "build_activation",
+    "build_activation_from_config",
+    "ReLU",
+    "GELU",
+    "SquaredReLU",
+    "SwiGLU",
+    "GEGLU",
+    "PolyReLU",
+    "PolyNorm",
+    "Poly",
+]

@@ -1,0 +1,49 @@
+"""The activation registry and its builders.
+
+Registering an activation is one decorator on one class::
+
+    @ACTIVATIONS.register("my_act")
+    class MyActivation(nn.Module):
+        gated = False
+        normalizes_over_width = False
+        ...
+
+It then shows up in configs (`model.activation: my_act`), tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from polycom_lm.errors import ConfigError
+from polycom_lm.registry import Registry
+
+ACTIVATIONS = Registry("activation")
+
+
+def build_activation(name: str, **kwargs: Any) -> nn.Module:
+    """Instantiate the activation registered as `name` with constructor arguments `kwargs`."""
+    cls = ACTIVATIONS.get(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        raise ConfigError(
+            f"activation {name!r} does not accept {sorted(kwargs)}: {error}; it takes {accepted or 'no arguments'}"
+        ) from None
+
+
+def build_activation_from_config(model_config: Any) -> nn.Module:
+    """Build `model_config.activation`, passing `order=model_config.activation_order` and
+    `impl=model_config.activation_impl` to the classes whose constructor takes them."""
+    cls = ACTIVATIONS.get(model_config.activation)
+    parameters = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {}
+    if "order" in parameters:
+        kwargs["order"] = model_config.activation_order
+    if "impl" in parameters:
+        kwargs["impl"] = model_config.activation_impl
+    return cls(**kwargs)

@@ -1,0 +1,154 @@
+"""PolyNorm / PolyReLU / Poly numerics: closed-form backward (gradcheck, float64) and every
+implementation against an independent float64 evaluation of the paper's formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polycom_lm.activations import build_activation
+from polycom_lm.activations.kernels.fused import polynomial_fused, polynorm_fused
+from polycom_lm.activations.kernels.reference import polynorm_paper_checkpointed, polynorm_reference
+
+
+def formula_float64(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps=1e-6):
+    """The definitions written out term by term, in float64, without autograd."""
+    x, weight, bias = x.double(), weight.double(), bias.double()
+    order = weight.shape[0]
+    out = torch.zeros_like(x) + bias
+    for index in range(order):
+        power = order - index
+        if name == "polynorm":
+            term = x**power / torch.sqrt((x ** (2 * power)).mean(-1, keepdim=True) + eps)
+        elif name == "polyrelu":
+            term = torch.clamp(x, min=0) ** power
+        else:
+            term = x**power
+        out = out + weight[index] * term
+    return out
+
+
+def random_coefficients(order: int, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(order, generator=generator, dtype=torch.float64).to(dtype)
+    bias = torch.randn(1, generator=generator, dtype=torch.float64).to(dtype)
+    return weight, bias
+
+
+def fused(name, x, weight, bias):
+    if name == "polynorm":
+        return polynorm_fused(x, weight, bias)
+    return polynomial_fused(x, weight, bias, relu=name == "polyrelu")
+
+
+@pytest.mark.parametrize("name", ["polynorm", "polyrelu", "poly"])
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_fused_backward_passes_gradcheck_in_float64(name, order):
+    weight, bias = random_coefficients(order, torch.float64)
+    x = torch.randn(3, 2, 6, dtype=torch.float64)
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(lambda *a: fused(name, *a), inputs)
+
+
+@pytest.mark.parametrize("name", ["polynorm", "polyrelu", "poly"])
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_impl_matches_float64_formula_in_fp32_with_grads(name, impl):
+    module = build_activation(name, impl=impl)
+    weight, bias = random_coefficients(3)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+    x = torch.randn(5, 7, 33).requires_grad_()
+    grad_out = torch.randn(5, 7, 33)
+    out = module(x)
+    assert out.dtype == torch.float32
+    out.backward(grad_out)
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    b64 = bias.double().requires_grad_()
+    expected = formula_float64(name, x64, w64, b64)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(module.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(module.bias.grad.double(), b64.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["polynorm", "polyrelu", "poly"])
+def test_fused_half_precision_matches_reference_and_keeps_dtype(name, dtype):
+    weight, bias = random_coefficients(3)
+    x = torch.randn(16, 64).to(dtype)
+    grad_out = torch.randn(16, 64).to(dtype)
+    results = []
+    for function in (fused, lambda n, *a: build_reference(n)(*a)):
+        xi = x.clone().requires_grad_()
+        wi, bi = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        out = function(name, xi, wi, bi)
+        out.backward(grad_out)
+        results.append((out, xi.grad, wi.grad, bi.grad))
+    (out, dx, dw, db), (ref_out, ref_dx, ref_dw, ref_db) = results
+    assert out.dtype == dtype and dx.dtype == dtype and dw.dtype == torch.float32
+    # Both compute in fp32 and round once to the half dtype: at most one ulp apart.
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dx.float(), ref_dx.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(db, ref_db, rtol=1e-3, atol=1e-3)
+
+
+def build_reference(name):
+    from polycom_lm.activations.kernels import reference
+
+    return {
+        "polynorm": reference.polynorm_reference,
+        "polyrelu": reference.polyrelu_reference,
+        "poly": reference.polynomial_reference,
+    }[name]
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_polynorm_fp16_large_inputs_do_not_overflow(impl):
+    # |x| up to 2000: x⁶ ≈ 6e19 overflows fp16 (max 65504) many times over, but not fp32.
+    x = (torch.rand(4, 128) * 4000 - 2000).to(torch.float16).requires_grad_()
+    module = build_activation("polynorm", impl=impl)
+    out = module(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.float16 and torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    expected = formula_float64("polynorm", x.detach(), module.weight.detach(), module.bias.detach())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_float64_stays_float64():
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    for name in ("polynorm", "polyrelu", "poly"):
+        module = build_activation(name, impl="fused").double()
+        out = module(x)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, formula_float64(name, x.detach(), module.weight, module.bias).detach())
+
+
+def test_fused_accepts_non_contiguous_input():
+    weight, bias = random_coefficients(3)
+    x = torch.randn(12, 10).t().requires_grad_()  # [10, 12], non-contiguous
+    out = polynorm_fused(x, weight, bias)
+    out.sum().backward()
+    x2 = x.detach().contiguous().requires_grad_()
+    polynorm_reference(x2, weight, bias).sum().backward()
+    torch.testing.assert_close(out, polynorm_reference(x.detach(), weight, bias))
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_polyrelu_gradient_at_zero_and_negative_inputs_is_zero():
+    x = torch.tensor([[-2.0, -0.5, 0.0, 0.5, 2.0]], requires_grad=True)
+    out = build_activation("polyrelu", impl="fused")(x)
+    out.sum().backward()
+    assert x.grad[0, :3].eq(0).all() and (x.grad[0, 3:] > 0).all()
+    torch.testing.assert_close(out[0, :3], torch.zeros(3))
+
+
+def test_paper_checkpointed_polynorm_equals_ours():
+    weight, bias = random_coefficients(3)
+    x = torch.randn(6, 40, requires_grad=True)
+    out = polynorm_paper_checkpointed(x, weight, bias)
+    torch.testing.assert_close(out, polynorm_fused(x, weight, bias), rtol=1e-5, atol=1e-5)
