@@ -1,0 +1,128 @@
+"""Shared pieces of the multi-process engine tests: the tiny model, a fixed global batch, a minimal training
+loop over the `Engine` interface, and an independent single-process reference loop.
+
+The reference loop uses no engine at all (plain model, plain AdamW, the global batch in one piece), so an
+engine that scales, averages or shards anything wrongly shows up as a different loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from polycom_lm.config import Config, config_from_dict
+from polycom_lm.distributed.engine import Engine
+from polycom_lm.models import build_model
+
+HERE = Path(__file__).resolve().parent
+REPOSITORY = HERE.parent.parent
+WORKER = HERE / "engine_worker.py"
+
+GLOBAL_BATCH = 4  # sequences
+SEQ_LEN = 16
+LEARNING_RATE = 1e-2
+MAX_GRAD_NORM = 1.0
+
+
+def tiny_config(activation: str = "polynorm", **distributed) -> Config:
+    """4 heads / 2 kv heads, FFN width 64 (gated) or 96 (non-gated): divisible by TP 2."""
+    return config_from_dict(
+        {
+            "model": {
+                "vocab_size": 128,
+                "d_model": 32,
+                "n_layers": 2,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "ffn_hidden_size": 64,
+                "activation": activation,
+                "activation_impl": "reference",
+                "max_seq_len": SEQ_LEN,
+            },
+            "training": {"seq_len": SEQ_LEN, "global_batch_size": GLOBAL_BATCH},
+            "distributed": distributed,
+        }
+    )
+
+
+def fixed_batch(config: Config, seed: int = 7) -> torch.Tensor:
+    """Token ids [GLOBAL_BATCH, SEQ_LEN + 1]: inputs are [:, :-1], targets [:, 1:]."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.model.vocab_size, (GLOBAL_BATCH, SEQ_LEN + 1), generator=generator)
+
+
+def build_tiny_model(config: Config, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(config.model, device="cpu")
+
+
+def build_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.1)
+
+
+def reference_losses(config: Config, steps: int, model: Optional[torch.nn.Module] = None,
+                     start_state: Optional[dict] = None) -> list[float]:
+    """Single-process losses of `steps` AdamW steps on the whole fixed batch, float32."""
+    model = copy.deepcopy(model) if model is not None else build_tiny_model(config)
+    optimizer = build_optimizer(model)
+    batch = fixed_batch(config)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int) -> float:
+    """One optimizer step the way the training loop does it; returns the global mean loss."""
+    rows = batch.shape[0] // engine.dp_world_size
+    local = batch[engine.dp_rank * rows : (engine.dp_rank + 1) * rows]
+    target_tokens = batch[:, 1:].numel()
+    engine.zero_grad()
+    total = torch.zeros((), dtype=torch.float64)
+    for index, micro in enumerate(local.chunk(micro_batches)):
+        with engine.micro_batch_context(is_last_micro_batch=index == micro_batches - 1):
+            logits = engine.model(micro[:, :-1].to(engine.device))
+            token_losses = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]),
+                micro[:, 1:].reshape(-1).to(engine.device),
+                reduction="sum",
+            )
+            loss = token_losses / target_tokens * engine.dp_world_size
+            engine.backward(loss)
+        total += token_losses.detach().double().cpu() / target_tokens
+    engine.clip_grad_norm(MAX_GRAD_NORM)
+    engine.optimizer_step()
+    return engine.all_reduce_sum(total).item()
+
+
+def run_worker(nproc: int, scenario: str, output: Path, *extra: str, timeout_s: int = 300) -> None:
+    """Launch `engine_worker.py SCENARIO OUTPUT ...` on `nproc` gloo processes with torchrun."""
+    environment = dict(os.environ)
+    environment.setdefault("OMP_NUM_THREADS", "1")
+    environment.setdefault("TORCH_EXTENSIONS_DIR", str(REPOSITORY / ".cache" / "torch_extensions"))
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), str(HERE), environment.get("PYTHONPATH", "")])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        str(WORKER), scenario, str(output), *extra,
+    ]
+    completed = subprocess.run(
+        command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=timeout_s
+    )
+    if completed.returncode != 0:
+        raise AssertionError(
+            f"{scenario} on {nproc} ranks failed (exit {completed.returncode}):\n"
+            f"{completed.stdout[-4000:]}\n{completed.stderr[-8000:]}"
+        )

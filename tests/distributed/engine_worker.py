@@ -1,0 +1,156 @@
+"""Multi-process side of the engine tests, run under torchrun by `engine_harness.run_worker`.
+
+`engine_worker.py SCENARIO OUTPUT_JSON [ARGS]`: runs every case of a scenario in one launch (process start
+is the expensive part on a busy CPU) and rank 0 writes the measured numbers to OUTPUT_JSON; the pytest
+side compares them with single-process references.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed_batch, tiny_config
+from polycom_lm.distributed import ENGINES  # noqa: F401  (registers the engines)
+from polycom_lm.distributed.engine import build_engine
+from polycom_lm.distributed.tensor_parallel import interleaved_parameter_degrees, interleaved_to_canonical
+
+DEVICE = torch.device("cpu")
+
+
+def run_losses(config, steps: int, micro_batches: int = 1, checkpoint_in=None, checkpoint_out=None) -> dict:
+    engine = build_engine(config, DEVICE)
+    engine.setup(build_tiny_model(config), build_optimizer)
+    if checkpoint_in is not None:
+        engine.load_checkpoint(Path(checkpoint_in))
+    batch = fixed_batch(config)
+    losses, times = [], []
+    for _ in range(steps):
+        started = time.perf_counter()
+        losses.append(engine_step(engine, batch, micro_batches))
+        times.append(time.perf_counter() - started)
+    if checkpoint_out is not None:
+        engine.save_checkpoint(Path(checkpoint_out))
+    return {"losses": losses, "step_time_s": sorted(times)[len(times) // 2]}
+
+
+def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter name → gradient as the unsharded, canonical-layout tensor."""
+    degrees = interleaved_parameter_degrees(model)
+    gradients = {}
+    for name, parameter in model.named_parameters():
+        gradient = parameter.grad
+        if isinstance(gradient, DTensor):
+            gradient = gradient.full_tensor()
+        if name in degrees:
+            gradient = interleaved_to_canonical(gradient, degrees[name])
+        gradients[name] = gradient
+    return gradients
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def tensor_parallel_case(activation: str, **distributed) -> dict:
+    """Forward output and gradients of one step against the plain model, then a few steps of losses."""
+    config = tiny_config(activation, backend="fsdp", **distributed)
+    reference = build_tiny_model(config)
+    model = copy.deepcopy(reference)
+    engine = build_engine(config, DEVICE)
+    engine.setup(model, build_optimizer)
+    batch = fixed_batch(config)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+
+    expected_logits = reference(inputs)
+    F.cross_entropy(expected_logits.reshape(-1, expected_logits.shape[-1]), targets.reshape(-1)).backward()
+    rows = batch.shape[0] // engine.dp_world_size
+    local_inputs = inputs[engine.dp_rank * rows : (engine.dp_rank + 1) * rows]
+    local_targets = targets[engine.dp_rank * rows : (engine.dp_rank + 1) * rows]
+    logits = engine.model(local_inputs)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), local_targets.reshape(-1), reduction="sum")
+    engine.backward(loss / targets.numel() * engine.dp_world_size)
+    expected_local = expected_logits[engine.dp_rank * rows : (engine.dp_rank + 1) * rows]
+    gradients = full_gradients(engine.unwrapped_model())
+    result = {
+        "forward_relative_error": relative_error(logits, expected_local),
+        "gradient_relative_error": {
+            name: relative_error(gradients[name], parameter.grad) for name, parameter in reference.named_parameters()
+        },
+    }
+    activations = [block.ffn.activation for block in engine.unwrapped_model().layers]
+    if getattr(activations[0], "normalizes_over_width", False):
+        # The silent bug the reducer prevents: norms over the local shard only.
+        saved = [(a.row_sum_reducer, a.full_width) for a in activations]
+        for module in activations:
+            module.row_sum_reducer, module.full_width = None, None
+        with torch.no_grad():
+            result["naive_shard_norm_relative_error"] = relative_error(engine.model(local_inputs), expected_local)
+        for module, (reducer, width) in zip(activations, saved):
+            module.row_sum_reducer, module.full_width = reducer, width
+    engine.zero_grad()
+    return result
+
+
+def scenario_engines(output: Path, shared: Path) -> dict:
+    """2 ranks: data-parallel engines, TP=2 with three activations, and checkpoints across world sizes."""
+    results: dict = {}
+    results["ddp_fp32_accumulate"] = run_losses(tiny_config(backend="ddp"), steps=3, micro_batches=2)
+    results["fsdp_fp32_accumulate"] = run_losses(tiny_config(backend="fsdp"), steps=3, micro_batches=2)
+    results["fsdp_bf16"] = run_losses(
+        config_with(tiny_config(backend="fsdp"), precision="bf16"), steps=3
+    )
+    for activation in ("polynorm", "polyrelu", "swiglu"):
+        results[f"tp2_{activation}"] = tensor_parallel_case(activation, tp=2)
+        results[f"tp2_{activation}"].update(run_losses(tiny_config(activation, backend="fsdp", tp=2), steps=3))
+    # Save on 2 ranks (TP 2, interleaved gated layout) after 2 steps; the test resumes on 1.
+    results["save_tp2_swiglu"] = run_losses(
+        tiny_config("swiglu", backend="fsdp", tp=2), steps=2, checkpoint_out=shared / "saved_on_2"
+    )
+    # Resume what one process saved after 2 steps, here on 2 data-parallel ranks.
+    results["resume_on_2"] = run_losses(
+        tiny_config("swiglu", backend="fsdp"), steps=2, checkpoint_in=shared / "saved_on_1"
+    )
+    return results
+
+
+def scenario_fsdp_tp(output: Path, shared: Path) -> dict:
+    """4 ranks: FSDP 2 × TP 2."""
+    results = {}
+    for activation in ("polynorm", "swiglu"):
+        case = tensor_parallel_case(activation, tp=2)
+        case.update(run_losses(tiny_config(activation, backend="fsdp", tp=2), steps=3, micro_batches=1))
+        results[f"fsdp2_tp2_{activation}"] = case
+    return results
+
+
+def config_with(config, **training):
+    for key, value in training.items():
+        setattr(config.training, key, value)
+    return config
+
+
+SCENARIOS = {"engines": scenario_engines, "fsdp_tp": scenario_fsdp_tp}
+
+
+def main() -> None:
+    scenario, output = sys.argv[1], Path(sys.argv[2])
+    shared = Path(sys.argv[3]) if len(sys.argv) > 3 else output.parent
+    results = SCENARIOS[scenario](output, shared)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        output.write_text(json.dumps(results, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
