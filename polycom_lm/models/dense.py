@@ -1,0 +1,127 @@
+"""The Llama-style decoder: token embedding → n_layers pre-norm blocks → RMSNorm → LM head.
+
+Plain single-device PyTorch: parallelism (FSDP, tensor / expert parallel, DeepSpeed) is applied from
+outside by `polycom_lm.distributed`, which relies on the module names below.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from polycom_lm.config import ModelConfig
+from polycom_lm.models.attention import Attention, attention_shape, document_causal_mask
+from polycom_lm.models.feedforward import FeedForward
+from polycom_lm.models.norm import RMSNorm
+from polycom_lm.models.rope import RotaryEmbedding
+
+# (config, layer_index) → the block's FFN module. It must define
+# `init_weights(init_std, output_std, generator=None)`.
+FFNFactory = Callable[[ModelConfig, int], nn.Module]
+
+
+class TransformerBlock(nn.Module):
+    """h = x + attention(attention_norm(x)); out = h + ffn(ffn_norm(h)). Shapes [batch, seq, d_model]."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, ffn_factory: Optional[FFNFactory] = None):
+        super().__init__()
+        self.layer_index = layer_index
+        self.attention_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.ffn = ffn_factory(config, layer_index) if ffn_factory is not None else FeedForward(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(init_std, output_std, generator)
+        init = getattr(self.ffn, "init_weights", None)
+        if not callable(init):
+            raise TypeError(
+                f"FFN module {type(self.ffn).__name__} of layer {self.layer_index} has no "
+                "init_weights(init_std, output_std, generator=None) method"
+            )
+        init(init_std, output_std, generator)
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model.
+
+    forward(input_ids [batch, seq] int64, document_ids [batch, seq] int64 or None) → logits
+    [batch, seq, vocab_size]. With `document_ids`, a token attends only to earlier tokens of its own
+    document (packed sequences); positions are not reset per document, which changes nothing under RoPE
+    because scores depend only on the distance between tokens of one document.
+
+    Construction on a real device initialises the weights (`init_weights`); on `meta` it allocates nothing,
+    and `to_empty(device=...)` followed by `init_weights()` gives the weights a direct build would have with
+    the same seed (see `build_model`).
+    """
+
+    def __init__(self, config: ModelConfig, ffn_factory: Optional[FFNFactory] = None):
+        super().__init__()
+        self.config = config
+        _, _, head_dim = attention_shape(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.rope = RotaryEmbedding(head_dim, config.max_seq_len, config.rope_theta)
+        self.layers = nn.ModuleList(
+            TransformerBlock(config, layer_index, ffn_factory) for layer_index in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._tie_weights()
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    def _tie_weights(self) -> None:
+        if self.config.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        result = super()._apply(fn, recurse)
+        # `to_empty` and device moves may replace each Parameter separately, which unties the LM head.
+        self._tie_weights()
+        return result
+
+    def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        cos, sin = self.rope(seq_len)
+        attention_mask = document_causal_mask(document_ids) if document_ids is not None else None
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attention_mask)
+        return self.output(self.norm(h))
+
+    @property
+    def output_std(self) -> float:
+        """Std of the residual-branch output projections (o_proj, out_proj) at init."""
+        if self.config.init_depth_scaled:
+            return self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        return self.config.init_std
+
+    @torch.no_grad()
+    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
+        """(Re)initialise every parameter and buffer: normal(0, init_std) for embeddings, projections and
+        the LM head; std init_std / sqrt(2·n_layers) for o_proj and out_proj when `init_depth_scaled`; norm
+        gains to one; activation coefficients to their own init; RoPE tables recomputed. Draws come from
+        `generator` (on the parameters' device) or the default generator, in module order."""
+        std = self.config.init_std
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std, generator=generator)
+        self.rope.reset_parameters()
+        for layer in self.layers:
+            layer.init_weights(std, self.output_std, generator)
+        self.norm.reset_parameters()
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.output.weight, mean=0.0, std=std, generator=generator)

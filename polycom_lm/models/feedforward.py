@@ -1,0 +1,63 @@
+"""The dense FFN block: in-proj → activation from the registry → out-proj, and its width rule."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from polycom_lm.activations import ACTIVATIONS, build_activation_from_config
+from polycom_lm.config import ModelConfig
+from polycom_lm.errors import ConfigError
+
+
+def ffn_width(model_config: ModelConfig) -> int:
+    """Width of the activation's output (the out-proj's input) for `model_config`.
+
+    `model.ffn_width` if set; otherwise the paper's parameter matching: a gated activation (SwiGLU) uses
+    `ffn_hidden_size` with a 2× wide in-proj (3·d·w weights), a non-gated one 3/2 of it (2·d·(3w/2) = 3·d·w).
+    """
+    if model_config.ffn_width is not None:
+        if model_config.ffn_width < 1:
+            raise ConfigError(f"model.ffn_width must be positive, got {model_config.ffn_width}")
+        return model_config.ffn_width
+    if ACTIVATIONS.get(model_config.activation).gated:
+        return model_config.ffn_hidden_size
+    if (3 * model_config.ffn_hidden_size) % 2:
+        raise ConfigError(
+            f"model.ffn_hidden_size {model_config.ffn_hidden_size}: 3/2 of it (the width of non-gated "
+            f"activation {model_config.activation!r}) is not an integer; use an even size or set model.ffn_width"
+        )
+    return 3 * model_config.ffn_hidden_size // 2
+
+
+class FeedForward(nn.Module):
+    """x [batch, seq, d_model] → out_proj(activation(in_proj(x))) [batch, seq, d_model], no biases.
+
+    `in_proj` is [d_model → width] for element-wise activations and [d_model → 2·width] for gated ones,
+    laid out as `[gate | up]` halves (a tensor-parallel plan must shard each half, not the concatenation).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.activation = build_activation_from_config(config)
+        self.width = ffn_width(config)
+        in_features = 2 * self.width if self.activation.gated else self.width
+        self.in_proj = nn.Linear(config.d_model, in_features, bias=False)
+        self.out_proj = nn.Linear(self.width, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.activation(self.in_proj(x)))
+
+    def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
+        nn.init.normal_(self.in_proj.weight, mean=0.0, std=init_std, generator=generator)
+        nn.init.normal_(self.out_proj.weight, mean=0.0, std=output_std, generator=generator)
+        reset_activation(self.activation)
+
+
+def reset_activation(activation: nn.Module) -> None:
+    """Put an activation's learnable coefficients (PolyNorm / PolyReLU w, b) back to their own init."""
+    reset = getattr(activation, "reset_parameters", None)
+    if callable(reset):
+        reset()
