@@ -39,6 +39,24 @@ class MoEConfig:
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
     per_expert_coefficients: bool = False
+    # How each projection over all experts runs: grouped_mm (torch._grouped_mm), padded_bmm (the batched
+    # fallback), or auto (grouped_mm where the installed torch has it on the device).
+    expert_matmul: Literal["auto", "grouped_mm", "padded_bmm"] = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "expert_hidden_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.moe.{name} must be positive, got {getattr(self, name)}")
+        if self.expert_width is not None and self.expert_width < 1:
+            raise ConfigError(f"model.moe.expert_width must be positive, got {self.expert_width}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(
+                f"model.moe.top_k {self.top_k} is larger than model.moe.num_experts {self.num_experts}; "
+                f"top_k must be between 1 and num_experts"
+            )
+        for name in ("lb_loss_weight", "z_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
