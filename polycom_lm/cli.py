@@ -14,7 +14,7 @@ import sys
 
 from polycom_lm.errors import PolycomError
 
-COMMANDS = []
+COMMANDS = ["train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

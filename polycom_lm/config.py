@@ -174,6 +174,9 @@ class TrainingConfig:
     compile: bool = False
     on_nonfinite: Literal["skip", "stop"] = "skip"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch.profiler trace (Chrome JSON under <output_dir>/profile/) of steps [start, start + num_steps).
+    profile_start_step: Optional[int] = None
+    profile_num_steps: int = 3
 
 
 @dataclass

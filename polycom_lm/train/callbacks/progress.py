@@ -1,0 +1,45 @@
+"""Console progress bar with loss and tokens/s (rank 0; added by the CLI, which owns the console)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from polycom_lm.train.loop import Callback, Trainer
+
+
+class ProgressCallback(Callback):
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self._bar = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=trainer.config.training.max_steps,
+            initial=trainer.state.step,
+            unit="step",
+            file=self.stream,
+            dynamic_ncols=True,
+            leave=True,
+        )
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self._bar.update(trainer.state.step - self._bar.n)
+
+    def on_log(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        self._bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=f"{row['mfu']:.1%}",
+                              refresh=False)
+
+    def on_evaluation(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self._bar.write(
+                f"step {row['step']}: validation {row['name']} loss {row['loss']:.4f} ppl {row['perplexity']:.2f}",
+                file=self.stream,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,96 @@
+"""Model FLOPs utilisation: achieved training FLOPs per second over the device's peak.
+
+The numerator comes from `polycom_lm.models.flops.training_flops_per_token` (the configured model's real
+forward+backward FLOPs, attention included, only the active experts of an MoE). The peak comes from a
+table of dense bf16 / tf32 tensor-core peaks for known accelerators, or, for devices not in the table
+(CPUs in particular), from a short matmul timed at start-up in the run's precision. The log says which.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Dense (no sparsity) peaks in FLOP/s per device: (name fragment, bf16 peak, fp32 peak). The fp32 peak is
+# the TF32 tensor-core rate, the fastest an fp32 run can go. Vendor data sheets; SXM variants unless the
+# name says PCIe. More specific fragments come first ("H100 PCIe" before "H100", "A10G" before "A10").
+KNOWN_ACCELERATORS: list[tuple[str, float, float]] = [
+    ("H200", 989e12, 494e12),
+    ("GH200", 989e12, 494e12),
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494e12),
+    ("H800", 989e12, 494e12),
+    ("A100", 312e12, 156e12),
+    ("A800", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L40", 181e12, 90.5e12),
+    ("L4", 121e12, 60e12),
+    ("A10G", 70e12, 35e12),
+    ("A10", 125e12, 62.5e12),
+    ("RTX 4090", 165e12, 82.6e12),
+    ("RTX 3090", 71e12, 35.6e12),
+    ("V100", 125e12, 15.7e12),  # fp16 tensor cores; no bf16
+    ("T4", 65e12, 8.1e12),
+    ("MI300X", 1307e12, 654e12),
+    ("MI250X", 383e12, 95.7e12),
+    ("B200", 2250e12, 1100e12),
+]
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    flops_per_second: float  # per device
+    source: str  # human-readable: which table entry or measurement
+
+
+def lookup_peak(device_name: str, precision: str) -> float | None:
+    for fragment, bf16_peak, fp32_peak in KNOWN_ACCELERATORS:
+        if fragment.lower() in device_name.lower():
+            return bf16_peak if precision == "bf16" else fp32_peak
+    return None
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of a [size, size] @ [size, size] matmul on `device` in `dtype`."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up (kernel selection, allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> PeakFlops:
+    """The per-device peak that MFU is measured against, logged with where it came from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = lookup_peak(name, precision)
+        if peak is not None:
+            result = PeakFlops(peak, f"{name} table peak ({precision})")
+            logger.info("MFU peak: %.1f TFLOP/s from the table entry for %s", peak / 1e12, result.source)
+            return result
+    else:
+        name = "CPU" if device.type == "cpu" else device.type
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    measured = measure_matmul_flops(device, dtype)
+    result = PeakFlops(measured, f"{name} measured {dtype} matmul 1024x1024")
+    logger.info("MFU peak: %.1f GFLOP/s measured at start-up (%s)", measured / 1e9, result.source)
+    return result
+
+
+def training_flops_per_token(model_config, seq_len: int) -> float:
+    from polycom_lm.models.flops import training_flops_per_token as model_flops
+
+    return float(model_flops(model_config, seq_len))

@@ -1,0 +1,277 @@
+"""The training loop: one optimizer step at a time, everything else in callbacks.
+
+A step reads this rank's slice of the global batch (`PackedDataset.global_batch`), splits it into
+micro-batches, and for each runs forward + backward under the engine's micro-batch context. The local loss
+is the *sum* of this rank's token losses divided by the number of target tokens in the whole global batch
+(all-reduced), times `dp_world_size` because engines average gradients: the update equals the
+single-process update on the whole batch, and the logged loss is the exact global mean. MoE auxiliary
+losses (`model.last_aux_losses`, already weighted per micro-batch) are averaged over micro-batches.
+
+Non-finite loss or gradient norm: `skip` drops the update (the batch still counts as consumed) and counts
+it; `stop` saves a checkpoint of the last good state and raises `TrainingStopped`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from polycom_lm.config import Config
+from polycom_lm.distributed.engine import Engine
+from polycom_lm.errors import PolycomError
+from polycom_lm.train.checkpoint import TrainerState
+from polycom_lm.train.optim import Schedule, schedule_progress, set_learning_rate
+from polycom_lm.train.validation import BatchLayout
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class TrainingStopped(PolycomError):
+    """Training ended early by policy (non-finite loss with `training.on_nonfinite: stop`)."""
+
+
+@dataclass
+class StepResult:
+    """Outcome of one optimizer step (numbers are global over all ranks)."""
+
+    loss: float  # mean token cross-entropy over the global batch, nats
+    grad_norm: float  # global L2 norm before clipping
+    lr: float
+    tokens: int  # tokens in this step's global batch
+    step_time_s: float
+    data_wait_s: float  # time spent getting this rank's batch
+    finite: bool
+    aux_losses: dict[str, float] = field(default_factory=dict)
+
+
+class Callback:
+    """Hooks into the loop. Every rank calls every hook (collectives inside them stay in lock-step)."""
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step_start(self, trainer: "Trainer") -> None: ...
+
+    def on_log(self, trainer: "Trainer", row: dict[str, Any]) -> None:
+        """A training metrics row (`kind: train`) every `log_every_steps`."""
+
+    def on_evaluation(self, trainer: "Trainer", rows: list[dict[str, Any]]) -> None:
+        """Validation rows (`kind: eval`), one per validation set."""
+
+    def on_step_end(self, trainer: "Trainer") -> None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+    def close(self) -> None:
+        """Release files and services; called once, also after an error."""
+
+
+class Trainer:
+    """Runs `config.training.max_steps` optimizer steps through `engine`, starting from `state`."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        layout: BatchLayout,
+        dataset: Any,
+        state: TrainerState,
+        schedule: Schedule,
+        callbacks: list[Callback],
+        *,
+        flops_per_token: float,
+        peak_flops_per_device: float,
+        world_size: int,
+        barrier: Callable[[], None],
+        save_checkpoint: Callable[["Trainer"], None],
+    ):
+        self.config = config
+        self.engine = engine
+        self.layout = layout
+        self.dataset = dataset
+        self.state = state
+        self.schedule = schedule
+        self.callbacks = callbacks
+        self.flops_per_token = flops_per_token
+        self.peak_flops_per_device = peak_flops_per_device
+        self.world_size = world_size
+        self.barrier = barrier
+        self._save_checkpoint = save_checkpoint
+        self.last_saved_step: Optional[int] = None
+        self.last_result: Optional[StepResult] = None
+        device_type = engine.device.type
+        self._autocast = lambda: torch.autocast(
+            device_type=device_type, dtype=torch.bfloat16, enabled=config.training.precision == "bf16"
+        )
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        training = self.config.training
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        window: list[StepResult] = []
+        window_start = time.perf_counter()
+        while self.state.step < training.max_steps:
+            for callback in self.callbacks:
+                callback.on_step_start(self)
+            result = self.train_step()
+            self.last_result = result
+            window.append(result)
+            if not result.finite:
+                self._handle_nonfinite(result)
+            if self.state.step % training.log_every_steps == 0 or self.state.step == training.max_steps:
+                elapsed = time.perf_counter() - window_start
+                row = self.training_row(window, elapsed)
+                for callback in self.callbacks:
+                    callback.on_log(self, row)
+                window = []
+                window_start = time.perf_counter()
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+
+    def save_checkpoint(self) -> None:
+        """Save model, optimizer and trainer state at the current step (all ranks call this)."""
+        if self.last_saved_step == self.state.step:
+            return
+        self._save_checkpoint(self)
+        self.last_saved_step = self.state.step
+
+    def is_last_step(self) -> bool:
+        return self.state.step >= self.config.training.max_steps
+
+    def autocast(self):
+        return self._autocast()
+
+    # ------------------------------------------------------------------------------------------ step
+    def train_step(self) -> StepResult:
+        engine, layout, state = self.engine, self.layout, self.state
+        step_number = state.step + 1
+        progress = schedule_progress(self.config.schedule, step_number, layout.tokens_per_step)
+        lr = self.config.optimizer.lr * self.schedule.multiplier(progress)
+        set_learning_rate(engine.optimizer, lr)
+        start = time.perf_counter()
+        batch = self.dataset.global_batch(
+            state.consumed_samples, layout.global_batch_size, engine.dp_rank, layout.dp_world_size
+        )
+        data_wait = time.perf_counter() - start
+        tokens = batch["input_ids"].to(engine.device, non_blocking=True)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        document_ids = batch.get("document_ids")
+        if document_ids is not None:
+            document_ids = document_ids[:, :-1].to(engine.device, non_blocking=True)
+
+        # Normalise by the global number of target tokens, not by an average of micro-batch means.
+        local_count = (targets != IGNORE_INDEX).sum().to(torch.float64)
+        global_count = engine.all_reduce_sum(local_count).clamp(min=1.0)
+        scale = layout.dp_world_size / global_count
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        aux_names: list[str] = []
+        aux_sum: Optional[torch.Tensor] = None
+        model = engine.model
+        unwrapped = engine.unwrapped_model()
+        for index in range(layout.accumulation_steps):
+            rows = slice(index * layout.micro_batch_size, (index + 1) * layout.micro_batch_size)
+            with engine.micro_batch_context(index == layout.accumulation_steps - 1):
+                with self.autocast():
+                    if document_ids is None:
+                        logits = model(inputs[rows])
+                    else:
+                        logits = model(inputs[rows], document_ids=document_ids[rows])
+                token_losses = F.cross_entropy(
+                    logits.flatten(0, 1).float(),
+                    targets[rows].flatten(),
+                    reduction="sum",
+                    ignore_index=IGNORE_INDEX,
+                )
+                loss = token_losses * scale.to(token_losses.dtype)
+                aux_losses = getattr(unwrapped, "last_aux_losses", None)
+                if aux_losses:
+                    aux_names = sorted(aux_losses)
+                    aux_vector = torch.stack([aux_losses[name].float() for name in aux_names])
+                    loss = loss + aux_vector.sum() / layout.accumulation_steps
+                    detached = aux_vector.detach().to(torch.float64) / layout.accumulation_steps
+                    aux_sum = detached if aux_sum is None else aux_sum + detached
+                engine.backward(loss)
+            loss_sum += token_losses.detach().to(torch.float64)
+            del logits, loss
+
+        grad_norm = engine.clip_grad_norm(self.config.optimizer.grad_clip_norm)
+        # One collective and one host sync per step: loss sum and (averaged) auxiliary losses.
+        reduced_parts = [loss_sum.reshape(1)]
+        if aux_sum is not None:
+            reduced_parts.append(aux_sum / layout.dp_world_size)
+        reduced = engine.all_reduce_sum(torch.cat(reduced_parts))
+        numbers = torch.cat([reduced, grad_norm.detach().to(torch.float64).reshape(1).to(reduced.device)]).tolist()
+        loss_value = numbers[0] / float(global_count.item())
+        grad_norm_value = numbers[-1]
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+        if finite:
+            engine.optimizer_step()
+        engine.zero_grad()
+        step_tokens = layout.global_batch_size * layout.seq_len
+        state.step += 1
+        state.consumed_samples += layout.global_batch_size
+        state.tokens += step_tokens
+        if not finite:
+            state.skipped_steps += 1
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        return StepResult(
+            loss=loss_value,
+            grad_norm=grad_norm_value,
+            lr=lr,
+            tokens=step_tokens,
+            step_time_s=time.perf_counter() - start,
+            data_wait_s=data_wait,
+            finite=finite,
+            aux_losses=dict(zip(aux_names, numbers[1:-1])),
+        )
+
+    def _handle_nonfinite(self, result: StepResult) -> None:
+        message = (
+            f"non-finite loss or gradient norm at step {self.state.step} "
+            f"(loss={result.loss}, grad_norm={result.grad_norm})"
+        )
+        if self.config.training.on_nonfinite == "skip":
+            logger.warning("%s: update skipped (%d skipped so far)", message, self.state.skipped_steps)
+            return
+        # The update was not applied, so the weights are the last good ones: save them, then stop.
+        self.save_checkpoint()
+        raise TrainingStopped(
+            f"{message}; saved the last good state at step {self.state.step} in "
+            f"{self.config.training.output_dir}/checkpoints; lower optimizer.lr or set training.on_nonfinite=skip"
+        )
+
+    # ------------------------------------------------------------------------------------------ metrics
+    def training_row(self, window: list[StepResult], elapsed_s: float) -> dict[str, Any]:
+        from polycom_lm.train.metrics import model_metrics
+
+        last = window[-1]
+        window_tokens = sum(result.tokens for result in window)
+        tokens_per_s = window_tokens / max(elapsed_s, 1e-9)
+        achieved = self.flops_per_token * tokens_per_s
+        row: dict[str, Any] = {
+            "kind": "train",
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "loss": last.loss,
+            "lr": last.lr,
+            "grad_norm": last.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": achieved / (self.peak_flops_per_device * self.world_size),
+            "step_time_s": sum(result.step_time_s for result in window) / len(window),
+            "data_wait_s": sum(result.data_wait_s for result in window) / len(window),
+            "skipped_steps": self.state.skipped_steps,
+        }
+        row.update({f"aux/{name}": value for name, value in last.aux_losses.items()})
+        row.update(model_metrics(self))
+        return row

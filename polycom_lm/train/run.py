@@ -1,0 +1,223 @@
+"""`run_training(config)`: config → data → model → engine → trainer with callbacks → outputs.
+
+Every rank runs this (alone, or under torchrun). The order is chosen so that bad input fails before
+anything is written: config values are validated and the output folder is planned (read-only) first;
+only then are process groups, data caches, models and files created.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from polycom_lm.config import Config
+from polycom_lm.distributed.engine import build_engine
+from polycom_lm.train import checkpoint as checkpoints
+from polycom_lm.train.callbacks import (
+    CheckpointCallback,
+    EvaluationCallback,
+    MetricsFileCallback,
+    ProfilerCallback,
+    TensorBoardCallback,
+    WandbCallback,
+)
+from polycom_lm.train.flops import peak_flops, training_flops_per_token
+from polycom_lm.train.loop import Callback, Trainer
+from polycom_lm.train.optim import build_optimizer, build_schedule
+from polycom_lm.train.output import CHECKPOINTS_DIR, METRICS_FILE, plan_output, prepare_output
+from polycom_lm.train.transforms import apply_training_transforms
+from polycom_lm.train.validation import import_engines, validate_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics_path: Path
+    checkpoints_dir: Path
+    final_step: int
+    last_train_row: Optional[dict[str, Any]] = None
+    final_evaluation: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → this process's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            from polycom_lm.errors import ConfigError
+
+            raise ConfigError(f"training.device={name} but CUDA is not available; use training.device=cpu")
+        torch.cuda.set_device(device)
+    return device
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _EvaluationRecorder(Callback):
+    """Keeps the last evaluation and training rows for the run's result."""
+
+    def __init__(self) -> None:
+        self.evaluation: list[dict[str, Any]] = []
+        self.train_row: Optional[dict[str, Any]] = None
+
+    def on_log(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        self.train_row = row
+
+    def on_evaluation(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        self.evaluation = rows
+
+    def record_evaluation(self, rows: list[dict[str, Any]]) -> None:
+        self.evaluation = rows
+
+
+def _logged_evaluation(metrics_path: Path, step: int) -> Optional[tuple[int, list[dict[str, Any]]]]:
+    """Evaluation rows a previous process logged at `step` (it evaluates before it checkpoints)."""
+    from polycom_lm.train.callbacks.metrics_file import read_metrics
+
+    if step == 0 or not metrics_path.is_file():
+        return None
+    rows = [row for row in read_metrics(metrics_path) if row.get("kind") == "eval" and row.get("step") == step]
+    return (step, rows) if rows else None
+
+
+def run_training(
+    config: Config,
+    *,
+    resume: Optional[str] = None,
+    overwrite: bool = False,
+    extra_callbacks: tuple[Callback, ...] = (),
+) -> RunResult:
+    """Train according to `config`; see `polycom_lm.train.output.plan_output` for `resume` / `overwrite`.
+
+    `extra_callbacks` run on the main process only (the CLI passes its progress bar).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = validate_config(config, world_size)
+    plan = plan_output(config, resume, overwrite)
+    resume_state = checkpoints.read_trainer_state(plan.resume_from) if plan.resume_from else None
+    device = resolve_device(config.training.device)
+
+    import_engines(config.distributed.backend)
+    engine = build_engine(config, device)
+    callbacks: list[Callback] = []
+    try:
+        rank = _global_rank()
+        is_main = rank == 0
+        if is_main:
+            prepare_output(plan, config, resume_state.step if resume_state else 0)
+        _barrier()
+
+        from polycom_lm.data import PackedDataset, check_vocab, prepare_run_data
+        from polycom_lm.models import build_model
+
+        data = prepare_run_data(config.data, is_main_process=is_main, barrier=_barrier)
+        check_vocab(data.vocab_size, config.model.vocab_size, "model.vocab_size")
+        dataset = PackedDataset(
+            data.train, config.training.seq_len, config.training.seed, document_ids=config.data.document_masks
+        )
+
+        checkpoints.seed_everything(config.training.seed)  # identical initial weights on every rank
+        model = build_model(config.model, device=device)
+        if config.training.param_dtype == "bf16":
+            model = model.to(torch.bfloat16)  # no fp32 master weights
+        apply_training_transforms(model, config.training)
+        engine.setup(model, lambda module: build_optimizer(module, config.optimizer))
+
+        state = checkpoints.TrainerState(world_size=world_size)
+        if plan.resume_from is not None:
+            state = _resume(engine, plan.resume_from, rank, world_size, config.training.seed)
+
+        output_dir = plan.output_dir
+        checkpoints_dir = output_dir / CHECKPOINTS_DIR
+        recorder = _EvaluationRecorder()
+        if is_main:
+            callbacks.append(MetricsFileCallback(output_dir / METRICS_FILE))
+            if config.logging.wandb_mode != "disabled":
+                callbacks.append(WandbCallback(config, output_dir))
+            if config.logging.tensorboard:
+                callbacks.append(TensorBoardCallback(output_dir / "tensorboard"))
+            callbacks.extend(extra_callbacks)
+        callbacks.append(recorder)
+        evaluated = _logged_evaluation(output_dir / METRICS_FILE, state.step) if plan.resume_from else None
+        callbacks.append(EvaluationCallback(data.validation, evaluated))
+        callbacks.append(CheckpointCallback())
+        if config.training.profile_start_step is not None:
+            callbacks.append(
+                ProfilerCallback(output_dir / "profile", config.training.profile_start_step,
+                                 config.training.profile_num_steps, rank)
+            )
+
+        def save(trainer: Trainer) -> None:
+            trainer.state.world_size = world_size
+            checkpoints.save_checkpoint(
+                checkpoints_dir, trainer.state, engine.save_checkpoint, rank=rank, barrier=_barrier,
+                keep_last=config.training.keep_last_checkpoints,
+            )
+
+        flops_per_token = training_flops_per_token(config.model, config.training.seq_len)
+        peak = peak_flops(device, config.training.precision)
+        trainer = Trainer(
+            config, engine, layout, dataset, state,
+            build_schedule(config.schedule, config.training.max_steps, layout.tokens_per_step),
+            callbacks,
+            flops_per_token=flops_per_token,
+            peak_flops_per_device=peak.flops_per_second,
+            world_size=world_size,
+            barrier=_barrier,
+            save_checkpoint=save,
+        )
+        if resume_state is not None:
+            trainer.last_saved_step = state.step  # do not re-save the checkpoint we started from
+        logger.info(
+            "training %s (%s) for %d steps: %d sequences x %d tokens per step, %d micro-batches of %d per rank "
+            "on %d rank(s), %s",
+            config.experiment, config.model.activation, config.training.max_steps, layout.global_batch_size,
+            layout.seq_len, layout.accumulation_steps, layout.micro_batch_size, world_size, device,
+        )
+        trainer.fit()
+        return RunResult(output_dir, output_dir / METRICS_FILE, checkpoints_dir, state.step,
+                         recorder.train_row, recorder.evaluation)
+    finally:
+        for callback in callbacks:
+            try:
+                callback.close()
+            except Exception:  # closing one sink must not hide the error that ended training
+                logger.exception("closing %s failed", type(callback).__name__)
+        engine.close()
+
+
+def _resume(engine, directory: Path, rank: int, world_size: int, seed: int) -> checkpoints.TrainerState:
+    state = checkpoints.read_trainer_state(directory)
+    engine.load_checkpoint(directory)
+    rng = checkpoints.load_rng_state(directory, rank)
+    if rng is not None and state.world_size == world_size:
+        checkpoints.restore_rng_state(rng)
+    else:
+        # Another world size: RNG streams cannot map one to one; reseed deterministically per rank and step.
+        checkpoints.seed_everything(seed + 1_000_003 * state.step + rank)
+        logger.warning("checkpoint written by %d rank(s), resuming on %d: RNG states reseeded",
+                       state.world_size, world_size)
+    logger.info("resumed from %s at step %d (%d tokens, %d samples consumed)",
+                directory, state.step, state.tokens, state.consumed_samples)
+    state.world_size = world_size
+    return state

@@ -1,0 +1,183 @@
+"""Config checks that need more than types: one `ConfigError` per bad value, one line, naming the key.
+
+`validate_config(config, world_size)` runs before anything is built or written, so a bad value never
+leaves a half-made run behind. It also derives the batch layout (`BatchLayout`) the loop uses.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from polycom_lm.config import Config
+from polycom_lm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's global batch is split (all sizes in sequences of `seq_len` tokens)."""
+
+    global_batch_size: int
+    dp_world_size: int
+    local_batch_size: int  # per data-parallel rank per step
+    micro_batch_size: int
+    accumulation_steps: int  # micro-batches per rank per step
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+def data_parallel_size(config: Config, world_size: int) -> int:
+    parallel = config.distributed.tp
+    if world_size % parallel:
+        raise ConfigError(
+            f"distributed.tp={config.distributed.tp} does not divide the world size {world_size}"
+        )
+    return world_size // parallel
+
+
+def batch_layout(config: Config, world_size: int) -> BatchLayout:
+    training = config.training
+    if training.global_batch_tokens is not None:
+        if training.global_batch_tokens <= 0 or training.global_batch_tokens % training.seq_len:
+            raise ConfigError(
+                f"training.global_batch_tokens={training.global_batch_tokens} must be a positive multiple of "
+                f"training.seq_len={training.seq_len}"
+            )
+        global_batch = training.global_batch_tokens // training.seq_len
+    else:
+        global_batch = training.global_batch_size
+    dp = data_parallel_size(config, world_size)
+    if global_batch <= 0 or training.micro_batch_size <= 0:
+        raise ConfigError(
+            f"training.global_batch_size={global_batch} and training.micro_batch_size="
+            f"{training.micro_batch_size} must be positive"
+        )
+    if global_batch % (training.micro_batch_size * dp):
+        raise ConfigError(
+            f"global batch of {global_batch} sequences is not divisible by training.micro_batch_size="
+            f"{training.micro_batch_size} x {dp} data-parallel ranks; use a global batch that is a multiple "
+            f"of {training.micro_batch_size * dp}"
+        )
+    local = global_batch // dp
+    return BatchLayout(global_batch, dp, local, training.micro_batch_size, local // training.micro_batch_size, training.seq_len)
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    bad = value < 0 if allow_zero else value <= 0
+    if bad or (isinstance(value, float) and not math.isfinite(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} is invalid; it must be {bound}")
+
+
+def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
+    """Check values the type system cannot; return the batch layout for `world_size` processes."""
+    optimizer, schedule, training = config.optimizer, config.schedule, config.training
+    _positive(optimizer.lr, "optimizer.lr")
+    if len(optimizer.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in optimizer.betas):
+        raise ConfigError(f"optimizer.betas={optimizer.betas} is invalid; it must be two numbers in [0, 1)")
+    _positive(optimizer.eps, "optimizer.eps")
+    for key in ("weight_decay", "weight_decay_norms", "weight_decay_embeddings", "weight_decay_activation"):
+        _positive(getattr(optimizer, key), f"optimizer.{key}", allow_zero=True)
+    if optimizer.grad_clip_norm is not None:
+        _positive(optimizer.grad_clip_norm, "optimizer.grad_clip_norm")
+
+    _positive(training.max_steps, "training.max_steps")
+    _positive(training.seq_len, "training.seq_len")
+    if training.seq_len > config.model.max_seq_len:
+        raise ConfigError(
+            f"training.seq_len={training.seq_len} exceeds the model's maximum model.max_seq_len="
+            f"{config.model.max_seq_len}"
+        )
+    _positive(training.log_every_steps, "training.log_every_steps")
+    _positive(training.eval_every_steps, "training.eval_every_steps (0 evaluates only at the end)", allow_zero=True)
+    _positive(training.save_every_steps, "training.save_every_steps (0 saves only at the end)", allow_zero=True)
+    _positive(training.keep_last_checkpoints, "training.keep_last_checkpoints")
+    _positive(training.profile_num_steps, "training.profile_num_steps")
+    if not training.output_dir.strip():
+        raise ConfigError("training.output_dir is empty; give the folder the run writes to")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", training.device):
+        raise ConfigError(f"training.device={training.device!r} is invalid; use auto, cpu, cuda or cuda:N")
+    if training.param_dtype == "bf16" and training.precision != "bf16":
+        raise ConfigError("training.param_dtype=bf16 needs training.precision=bf16")
+
+    _validate_schedule(config)
+    layout = batch_layout(config, world_size)
+
+    if not config.data.train:
+        raise ConfigError("data.train is empty; name at least one source (e.g. builtin:pydoc or a shard folder)")
+    _check_registered(config)
+    return layout
+
+
+def _validate_schedule(config: Config) -> None:
+    schedule, training = config.schedule, config.training
+    _positive(schedule.warmup_steps, "schedule.warmup_steps", allow_zero=True)
+    _positive(schedule.warmup_tokens, "schedule.warmup_tokens", allow_zero=True)
+    _positive(schedule.decay_steps, "schedule.decay_steps", allow_zero=True)
+    _positive(schedule.decay_tokens, "schedule.decay_tokens", allow_zero=True)
+    if not 0.0 <= schedule.lr_min_ratio <= 1.0:
+        raise ConfigError(f"schedule.lr_min_ratio={schedule.lr_min_ratio} is invalid; it must be in [0, 1]")
+    if schedule.units == "steps":
+        warmup, decay, total, unit = schedule.warmup_steps, schedule.decay_steps, training.max_steps, "steps"
+    else:
+        tokens_per_step = (
+            training.global_batch_tokens
+            if training.global_batch_tokens is not None
+            else training.global_batch_size * training.seq_len
+        )
+        warmup, decay, total, unit = schedule.warmup_tokens, schedule.decay_tokens, training.max_steps * tokens_per_step, "tokens"
+    if warmup > total:
+        raise ConfigError(f"schedule.warmup_{unit}={warmup} exceeds the run's {total} {unit}")
+    if schedule.name == "wsd":
+        if decay <= 0 or warmup + decay > total:
+            raise ConfigError(
+                f"schedule.decay_{unit}={decay} is invalid for wsd; it must be > 0 and warmup + decay <= the "
+                f"run's {total} {unit}"
+            )
+
+
+def _check_registered(config: Config) -> None:
+    """Unknown activation / model family / backend: the registries' own one-line errors."""
+    from polycom_lm.distributed.engine import ENGINES
+
+    import_engines(config.distributed.backend)
+    if config.distributed.backend not in ENGINES:
+        raise ConfigError("distributed.backend: " + ENGINES.unknown_message(config.distributed.backend))
+    try:
+        from polycom_lm.activations import ACTIVATIONS
+    except ImportError:  # activations not built yet in this checkout
+        return
+    if config.model.activation not in ACTIVATIONS:
+        raise ConfigError("model.activation: " + ACTIVATIONS.unknown_message(config.model.activation))
+    try:
+        from polycom_lm.models import MODEL_FAMILIES
+    except ImportError:
+        return
+    if config.model.family not in MODEL_FAMILIES:
+        raise ConfigError("model.family: " + MODEL_FAMILIES.unknown_message(config.model.family))
+
+
+def import_engines(backend: str | None = None) -> None:
+    """Import engine modules so that their `@ENGINES.register` has run.
+
+    The `ddp` engine is always imported; the package `polycom_lm.distributed` may import the others; and an
+    engine not registered by then is looked for in the module of the same name
+    (`distributed.backend: fsdp` → `polycom_lm.distributed.fsdp`), so heavy engines load only when used.
+    """
+    import importlib
+
+    import polycom_lm.distributed  # noqa: F401
+    import polycom_lm.distributed.ddp  # noqa: F401
+    from polycom_lm.distributed.engine import ENGINES
+
+    if backend and backend not in ENGINES and re.fullmatch(r"[a-z_][a-z0-9_]*", backend):
+        module = f"polycom_lm.distributed.{backend}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
