@@ -1,0 +1,209 @@
+"""Conversion between our MoE model (`family: moe`, SwiGLU experts) and transformers' `OlmoeForCausalLM`.
+
+The details that matter for equal logits:
+- OLMoE's QK-norm normalises the whole q (k) projection output before the heads are split, so our model
+  uses `qk_norm_scope: full` (not per head).
+- OLMoE's experts store `gate_up_proj` [E, 2·I, H] as `[gate | up]` and `down_proj` [E, H, I]: exactly our
+  `experts.in_proj` and `experts.out_proj`; the router `mlp.gate.weight` [E, H] is our `ffn.router.weight`.
+- The router's softmax and top-k are OLMoE's (softmax over all experts, top-k of the probabilities, no
+  renormalisation unless `norm_topk_prob`).
+- `clip_qkv` (clamping q/k/v) has no counterpart here and is refused; so are attention biases.
+Weights are copied, not recomputed, so a round trip is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from polycom_lm.config import ModelConfig, MoEConfig
+from polycom_lm.errors import ConfigError
+
+
+def _rope_theta(hf_config: Any) -> float:
+    parameters = getattr(hf_config, "rope_parameters", None)  # transformers ≥ 5
+    if isinstance(parameters, dict):
+        if parameters.get("rope_type", "default") != "default":
+            raise ConfigError(f"OLMoE config uses rope_type {parameters['rope_type']!r}; only 'default' converts")
+        return float(parameters["rope_theta"])
+    if getattr(hf_config, "rope_scaling", None):
+        raise ConfigError(f"OLMoE config uses rope_scaling {hf_config.rope_scaling!r}; only unscaled RoPE converts")
+    return float(hf_config.rope_theta)
+
+
+def model_config_from_hf_olmoe(hf_config: Any) -> ModelConfig:
+    """Our `ModelConfig` (family moe, swiglu experts, full-width QK-norm) for a transformers `OlmoeConfig`."""
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"OLMoE config hidden_act {hf_config.hidden_act!r}: only 'silu' (SwiGLU) converts")
+    if getattr(hf_config, "clip_qkv", None) is not None:
+        raise ConfigError(f"OLMoE config sets clip_qkv={hf_config.clip_qkv}; our attention does not clamp q/k/v")
+    if getattr(hf_config, "attention_bias", False):
+        raise ConfigError("OLMoE config has attention_bias=True; our model has no biases")
+    n_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+    if head_dim * n_heads != hf_config.hidden_size:
+        raise ConfigError("OLMoE config: num_attention_heads · head_dim must equal hidden_size (its q_norm width)")
+    return ModelConfig(
+        family="moe",
+        vocab_size=hf_config.vocab_size,
+        d_model=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        activation="swiglu",
+        max_seq_len=hf_config.max_position_embeddings,
+        rope_theta=_rope_theta(hf_config),
+        norm_eps=hf_config.rms_norm_eps,
+        qk_norm=True,
+        qk_norm_scope="full",
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        init_std=getattr(hf_config, "initializer_range", 0.02),
+        moe=MoEConfig(
+            num_experts=hf_config.num_experts,
+            top_k=hf_config.num_experts_per_tok,
+            expert_hidden_size=hf_config.intermediate_size,
+            norm_topk_prob=bool(hf_config.norm_topk_prob),
+            lb_loss_weight=float(getattr(hf_config, "router_aux_loss_coef", 0.01)),
+        ),
+    )
+
+
+def hf_olmoe_config(model_config: ModelConfig) -> Any:
+    """A transformers `OlmoeConfig` equivalent to `model_config` (family moe, swiglu, full-width QK-norm)."""
+    from transformers import OlmoeConfig
+
+    from polycom_lm.models.attention import attention_shape
+
+    moe = model_config.moe
+    if model_config.family != "moe" or model_config.activation != "swiglu":
+        raise ConfigError(
+            f"only moe swiglu models convert to OLMoE, got family {model_config.family!r} "
+            f"activation {model_config.activation!r}"
+        )
+    if not model_config.qk_norm or model_config.qk_norm_scope != "full":
+        raise ConfigError("OLMoE normalises q and k over the full projection: set model.qk_norm: true, qk_norm_scope: full")
+    if moe.expert_width is not None and moe.expert_width != moe.expert_hidden_size:
+        raise ConfigError("model.moe.expert_width differs from expert_hidden_size; set expert_width to null")
+    if moe.per_expert_coefficients:
+        raise ConfigError("model.moe.per_expert_coefficients has no OLMoE counterpart")
+    n_heads, n_kv_heads, head_dim = attention_shape(model_config)
+    if n_heads * head_dim != model_config.d_model:
+        raise ConfigError("OLMoE needs n_heads · head_dim == d_model (its q_norm spans hidden_size)")
+    return OlmoeConfig(
+        vocab_size=model_config.vocab_size,
+        hidden_size=model_config.d_model,
+        intermediate_size=moe.expert_hidden_size,
+        num_hidden_layers=model_config.n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=model_config.max_seq_len,
+        rms_norm_eps=model_config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": model_config.rope_theta},
+        tie_word_embeddings=model_config.tie_embeddings,
+        initializer_range=model_config.init_std,
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        norm_topk_prob=moe.norm_topk_prob,
+        router_aux_loss_coef=moe.lb_loss_weight,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+# (our suffix, OLMoE suffix) inside one layer.
+_LAYER_KEYS = [
+    ("attention.q_proj.weight", "self_attn.q_proj.weight"),
+    ("attention.k_proj.weight", "self_attn.k_proj.weight"),
+    ("attention.v_proj.weight", "self_attn.v_proj.weight"),
+    ("attention.o_proj.weight", "self_attn.o_proj.weight"),
+    ("attention.q_norm.weight", "self_attn.q_norm.weight"),
+    ("attention.k_norm.weight", "self_attn.k_norm.weight"),
+    ("attention_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn.router.weight", "mlp.gate.weight"),
+    ("ffn.experts.in_proj", "mlp.experts.gate_up_proj"),
+    ("ffn.experts.out_proj", "mlp.experts.down_proj"),
+]
+
+
+def hf_olmoe_state_dict_to_ours(
+    hf_state: dict[str, torch.Tensor], n_layers: int, tie_embeddings: bool
+) -> dict[str, torch.Tensor]:
+    """Rename an `OlmoeForCausalLM` state dict into our `MoETransformer`'s keys."""
+    ours = {"tok_embeddings.weight": hf_state["model.embed_tokens.weight"], "norm.weight": hf_state["model.norm.weight"]}
+    if not tie_embeddings:
+        ours["output.weight"] = hf_state["lm_head.weight"]
+    for index in range(n_layers):
+        for our_key, hf_key in _LAYER_KEYS:
+            ours[f"layers.{index}.{our_key}"] = hf_state[f"model.layers.{index}.{hf_key}"]
+    return ours
+
+
+def our_state_dict_to_hf_olmoe(
+    state: dict[str, torch.Tensor], n_layers: int, tie_embeddings: bool
+) -> dict[str, torch.Tensor]:
+    """The inverse of `hf_olmoe_state_dict_to_ours`."""
+    hf_state = {
+        "model.embed_tokens.weight": state["tok_embeddings.weight"],
+        "model.norm.weight": state["norm.weight"],
+    }
+    if not tie_embeddings:
+        hf_state["lm_head.weight"] = state["output.weight"]
+    for index in range(n_layers):
+        for our_key, hf_key in _LAYER_KEYS:
+            hf_state[f"model.layers.{index}.{hf_key}"] = state[f"layers.{index}.{our_key}"]
+    return hf_state
+
+
+def _load_exactly(module: nn.Module, state: dict[str, torch.Tensor], what: str, tied: bool) -> None:
+    """Copy `state` into `module`, failing on any missing or unexpected key (a tied head counts as present)."""
+    expected = set(module.state_dict())
+    tied_heads = {"lm_head.weight", "output.weight"} if tied else set()
+    missing = sorted(expected - set(state) - tied_heads)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ConfigError(f"{what}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
+    with torch.no_grad():
+        own = module.state_dict(keep_vars=True)
+        for key, tensor in state.items():
+            if own[key].shape != tensor.shape:
+                raise ConfigError(f"{what}: {key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}")
+            own[key].copy_(tensor)
+
+
+def from_hf_olmoe(hf_model: nn.Module) -> nn.Module:
+    """Our `MoETransformer` with the weights of a transformers `OlmoeForCausalLM` (same device and dtype)."""
+    from polycom_lm.models import build_model
+
+    model_config = model_config_from_hf_olmoe(hf_model.config)
+    reference = next(hf_model.parameters())
+    model = build_model(model_config, device=reference.device)
+    state = hf_olmoe_state_dict_to_ours(hf_model.state_dict(), model_config.n_layers, model_config.tie_embeddings)
+    _load_exactly(model, state, "converting OlmoeForCausalLM", tied=model_config.tie_embeddings)
+    return model.to(reference.dtype)
+
+
+def to_hf_olmoe(model: nn.Module) -> nn.Module:
+    """A transformers `OlmoeForCausalLM` with `model`'s weights (same device and dtype), in eval mode."""
+    from transformers import OlmoeForCausalLM
+
+    config = model.config
+    reference = next(model.parameters())
+    hf_model = OlmoeForCausalLM(hf_olmoe_config(config)).to(device=reference.device, dtype=reference.dtype)
+    state = our_state_dict_to_hf_olmoe(model.state_dict(), config.n_layers, config.tie_embeddings)
+    _load_exactly(hf_model, state, "converting to OlmoeForCausalLM", tied=config.tie_embeddings)
+    return hf_model.eval()
+
+
+__all__ = [
+    "from_hf_olmoe",
+    "to_hf_olmoe",
+    "hf_olmoe_config",
+    "model_config_from_hf_olmoe",
+    "hf_olmoe_state_dict_to_ours",
+    "our_state_dict_to_hf_olmoe",
+]
