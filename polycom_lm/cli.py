@@ -14,7 +14,7 @@ import sys
 
 from polycom_lm.errors import PolycomError
 
-COMMANDS = ["train"]
+COMMANDS = ["info", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

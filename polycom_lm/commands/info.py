@@ -1,0 +1,54 @@
+"""`polycom-lm info CONFIG [key=value ...]`: model size and cost of a config, as JSON on stdout.
+
+The model is built on the `meta` device, so this is instant and needs no memory even for 7B presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from polycom_lm.config import load_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        help="print parameter counts and training FLOPs per token of a config (JSON)",
+        description=(
+            "Print, as JSON, the total, non-embedding and active parameters, the training FLOPs per token "
+            "at training.seq_len, the FFN width and the activation of the model a config describes."
+        ),
+    )
+    parser.add_argument("config", help="experiment or model YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.activation=polynorm")
+    parser.set_defaults(func=run)
+
+
+def model_info(config) -> dict:
+    """The JSON-ready summary `info` prints for a loaded `Config`."""
+    from polycom_lm.models import ffn_width
+    from polycom_lm.models.flops import parameter_counts, training_flops_per_token
+
+    model = config.model
+    counts = parameter_counts(model)
+    info = {
+        "experiment": config.experiment,
+        "family": model.family,
+        "activation": model.activation,
+        "activation_order": model.activation_order,
+        "total_parameters": counts["total"],
+        "non_embedding_parameters": counts["non_embedding"],
+        "active_parameters": counts["active"],
+        "seq_len": config.training.seq_len,
+        "training_flops_per_token": training_flops_per_token(model, config.training.seq_len),
+    }
+    if model.family == "dense":
+        info["ffn_width"] = ffn_width(model)
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    print(json.dumps(model_info(config), indent=2))
+    return 0
