@@ -1,0 +1,70 @@
+"""The `compiled` implementation: torch.compile'd closed-form bodies behind torch.library custom ops.
+Equal to the plain-autograd reference, keeps only x (+ inverse norms), and compiles inside a whole
+model without a graph break."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from polycom_lm.activations import build_activation
+from polycom_lm.activations.kernels.select import compile_available
+from polycom_lm.activations.saved_memory import saved_tensor_bytes
+
+pytestmark = pytest.mark.skipif(not compile_available("cpu"), reason="torch.compile does not work here")
+
+
+def forward_backward(module, x, grad):
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad()
+    out = module(x)
+    out.backward(grad)
+    return out.detach(), x.grad, module.weight.grad.clone(), module.bias.grad.clone()
+
+
+@pytest.mark.parametrize("name", ["polynorm", "polyrelu"])
+def test_compiled_matches_reference_in_fp32_and_bf16(name):
+    compiled, plain = build_activation(name, impl="compiled"), build_activation(name, impl="reference")
+    with torch.no_grad():
+        for module in (compiled, plain):
+            module.weight.copy_(torch.tensor([0.5, -1.25, 0.75]))
+            module.bias.fill_(0.1)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x, grad = torch.randn(2, 9, 48).to(dtype), torch.randn(2, 9, 48).to(dtype)
+        got, expected = forward_backward(compiled, x, grad), forward_backward(plain, x, grad)
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance)
+    x = torch.randn(18, 48, requires_grad=True)
+    extra = 18 * 3 * 4 if name == "polynorm" else 0
+    assert saved_tensor_bytes(lambda: compiled(x)) == x.numel() * 4 + 3 * 4 + extra
+
+
+class TinyFFN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 24, bias=False)
+        self.activation = build_activation("polynorm", impl="compiled")
+        self.down = nn.Linear(24, 16, bias=False)
+
+    def forward(self, x):
+        return self.down(self.activation(self.up(x)))
+
+
+def test_compiled_polynorm_compiles_inside_a_model_without_graph_break():
+    torch.manual_seed(0)
+    model = TinyFFN()
+    x = torch.randn(4, 8, 16)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    eager_out = model(x)
+    eager_out.square().mean().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled_model = torch.compile(model, fullgraph=True)
+    out = compiled_model(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    for got, expected in zip((p.grad for p in model.parameters()), eager_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
