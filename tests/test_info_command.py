@@ -56,3 +56,10 @@ def test_the_console_script_entry_point_prints_json():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["activation"] == "polynorm"
+
+
+def test_moe_configs_report_expert_width_and_fewer_active_parameters(capsys):
+    report = info(capsys, ROOT / "configs" / "model" / "tiny.yaml", "model.family=moe", "model.moe.num_experts=8",
+                  "model.moe.top_k=2", "model.moe.expert_hidden_size=64")
+    assert report["expert_width"] == 64 and "ffn_width" not in report
+    assert report["active_parameters"] < report["total_parameters"]

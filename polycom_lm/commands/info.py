@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="print parameter counts and training FLOPs per token of a config (JSON)",
         description=(
             "Print, as JSON, the total, non-embedding and active parameters, the training FLOPs per token "
-            "at training.seq_len, the FFN width and the activation of the model a config describes."
+            "at training.seq_len, the FFN (or expert) width and the activation of the model a config describes."
         ),
     )
     parser.add_argument("config", help="experiment or model YAML file")
@@ -43,7 +43,11 @@ def model_info(config) -> dict:
         "seq_len": config.training.seq_len,
         "training_flops_per_token": training_flops_per_token(model, config.training.seq_len),
     }
-    if model.family == "dense":
+    if model.family == "moe":
+        from polycom_lm.models.moe import expert_width
+
+        info["expert_width"] = expert_width(model)
+    else:
         info["ffn_width"] = ffn_width(model)
     return info
 

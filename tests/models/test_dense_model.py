@@ -154,3 +154,15 @@ def test_models_package_never_imports_torch_distributed():
             if any(name == "torch.distributed" or name.startswith("torch.distributed.") for name in names):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_forward_and_backward_compile_as_one_graph():
+    """No graph breaks (dynamo with the eager backend, so no C++ compile): masks, RoPE and PolyNorm trace."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(activation="polynorm", n_kv_heads=2), device="cpu")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    input_ids = torch.randint(0, 512, (2, 16))
+    document_ids = torch.tensor([[0] * 8 + [1] * 8, [0] * 16])
+    torch.testing.assert_close(compiled(input_ids, document_ids), model(input_ids, document_ids))
+    compiled(input_ids).sum().backward()
+    assert model.layers[0].ffn.activation.weight.grad is not None
