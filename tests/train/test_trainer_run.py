@@ -1,0 +1,81 @@
+"""End-to-end runs of the trainer in this process: outputs, metrics, checkpoints, automatic resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from polycom_lm.config import load_config
+from polycom_lm.errors import ConfigError
+from polycom_lm.train import run_training
+from trainer_test_helpers import load, run_config, train_rows
+
+
+def test_run_writes_config_metrics_coefficients_evaluation_and_checkpoints(prepared_data, tmp_path):
+    raw = run_config(prepared_data, tmp_path / "run", max_steps=4, save_every_steps=2, keep_last_checkpoints=1)
+    result = run_training(load(raw))
+    output = tmp_path / "run"
+    assert result.final_step == 4
+    assert (output / "config.yaml").is_file()
+    assert load_config(output / "config.yaml") == load(raw)  # the fully resolved config, loadable as is
+    rows = train_rows(output / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    for row in rows:
+        for key in ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"):
+            assert key in row and math.isfinite(row[key]), key
+        assert row["tokens"] == row["step"] * 8 * 32
+        # PolyNorm coefficients of both layers, every logged step.
+        for layer in (0, 1):
+            for name in ("w0", "w1", "w2", "bias"):
+                assert f"coefficients/layers.{layer}.ffn.activation/{name}" in row
+        assert any(key.startswith("memory/") for key in row)
+    assert 0 < rows[-1]["mfu"] < 1
+    evaluations = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [row for row in evaluations if row["kind"] == "eval"]
+    assert [(row["step"], row["name"]) for row in evaluations] == [(2, "heldout"), (4, "heldout")]
+    assert all(row["perplexity"] == pytest.approx(math.exp(row["loss"])) for row in evaluations)
+    assert result.final_evaluation == evaluations[-1:]
+    checkpoints = output / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_4"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_4"]  # keep_last_checkpoints=1
+    state = json.loads((checkpoints / "step_4" / "trainer_state.json").read_text())
+    assert state == {"step": 4, "tokens": 4 * 8 * 32, "consumed_samples": 32, "skipped_steps": 0, "world_size": 1}
+    assert (checkpoints / "step_4" / "rng" / "rank_0.pt").is_file()
+
+
+def test_same_config_resumes_and_changed_config_needs_resume_or_overwrite(prepared_data, tmp_path):
+    output = tmp_path / "run"
+    raw = run_config(prepared_data, output, max_steps=2, eval_every_steps=0)
+    run_training(load(raw))
+    again = run_training(load(raw))  # same run: resumes at step 2, nothing left to do
+    assert again.final_step == 2
+    assert [row["step"] for row in train_rows(output / "metrics.jsonl")] == [1, 2]
+
+    longer = load(raw, ["training.max_steps=3"])
+    before = sorted(p.name for p in output.rglob("*"))
+    with pytest.raises(ConfigError, match=r"different config \(differs in training.max_steps\).*--resume.*--overwrite"):
+        run_training(longer)
+    assert sorted(p.name for p in output.rglob("*")) == before  # refused: nothing touched
+
+    resumed = run_training(longer, resume="latest")
+    assert resumed.final_step == 3
+    assert [row["step"] for row in train_rows(output / "metrics.jsonl")] == [1, 2, 3]
+    assert (output / "config.before_step_2.yaml").is_file()
+
+    fresh = run_training(load(raw, ["training.max_steps=1"]), overwrite=True)
+    assert fresh.final_step == 1
+    assert [row["step"] for row in train_rows(output / "metrics.jsonl")] == [1]
+    assert (output / "checkpoints" / "latest").read_text().strip() == "step_1"
+
+
+def test_bf16_autocast_block_checkpointing_and_token_units_run(prepared_data, tmp_path):
+    raw = run_config(prepared_data, tmp_path / "run", max_steps=2, precision="bf16",
+                     activation_checkpointing="block", eval_every_steps=0, save_every_steps=0)
+    raw["schedule"] = {"name": "wsd", "units": "tokens", "warmup_tokens": 256, "decay_tokens": 256}
+    result = run_training(load(raw))
+    rows = train_rows(result.metrics_path)
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    assert rows[0]["lr"] == pytest.approx(3e-3)  # warmup of one step's tokens, then stable
+    assert rows[1]["lr"] == pytest.approx(3e-3 * 0.1)  # decayed over the last 256 tokens to lr_min_ratio

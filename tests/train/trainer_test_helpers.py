@@ -1,0 +1,81 @@
+"""Helpers shared by the trainer tests (configs for tiny runs, running the CLI, reading metrics)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = REPO / "configs" / "model" / "tiny.yaml"
+
+
+def run_config(prepared_data: dict[str, Path], output_dir: Path, **training) -> dict:
+    """A raw config dict for a seconds-fast run of the tiny model on the test corpus."""
+    settings = {
+        "output_dir": str(output_dir),
+        "max_steps": 4,
+        "seq_len": 32,
+        "global_batch_size": 8,
+        "micro_batch_size": 4,
+        "log_every_steps": 1,
+        "eval_every_steps": 2,
+        "save_every_steps": 2,
+        "seed": 7,
+    }
+    settings.update(training)
+    return {
+        "base": str(TINY_MODEL),
+        "experiment": "trainer_test",
+        "model": {"activation": "polynorm", "max_seq_len": 64},
+        "data": {
+            "train": [{"source": str(prepared_data["train"])}],
+            "validation": [{"name": "heldout", "source": str(prepared_data["validation"])}],
+        },
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"name": "cosine", "warmup_steps": 1},
+        "training": settings,
+        "logging": {"wandb_mode": "disabled", "progress_bar": False},
+        "evaluation": {"max_tokens": 1024},
+    }
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def load(raw: dict, overrides: list[str] | None = None):
+    from polycom_lm.config import load_config
+
+    with tempfile.TemporaryDirectory() as folder:
+        return load_config(write_config(Path(folder) / "config.yaml", raw), overrides)
+
+
+def cli_environment() -> dict[str, str]:
+    environment = dict(os.environ)
+    environment.setdefault("OMP_NUM_THREADS", "1")
+    environment["WANDB_MODE"] = "disabled"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environment.pop(key, None)
+    return environment
+
+
+def run_cli(*arguments: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    process = subprocess.run(
+        [sys.executable, "-m", "polycom_lm.cli", *arguments],
+        cwd=REPO, env=cli_environment(), capture_output=True, text=True, timeout=300, **kwargs,
+    )
+    if check and process.returncode != 0:
+        raise AssertionError(f"polycom-lm {' '.join(arguments)} failed ({process.returncode}):\n{process.stderr[-3000:]}")
+    return process
+
+
+def train_rows(metrics_path: Path) -> list[dict]:
+    from polycom_lm.train.callbacks.metrics_file import read_metrics
+
+    return [row for row in read_metrics(metrics_path) if row["kind"] == "train"]
