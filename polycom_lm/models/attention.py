@@ -16,6 +16,9 @@ from polycom_lm.models.rope import apply_rotary
 
 def attention_shape(config: ModelConfig) -> tuple[int, int, int]:
     """(n_heads, n_kv_heads, head_dim) of `config`, checked."""
+    for key in ("d_model", "n_heads", "n_layers", "vocab_size", "max_seq_len"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"model.{key} must be positive, got {getattr(config, key)}")
     n_heads = config.n_heads
     n_kv_heads = config.n_kv_heads if config.n_kv_heads is not None else n_heads
     if config.head_dim is None and config.d_model % n_heads:
@@ -23,6 +26,8 @@ def attention_shape(config: ModelConfig) -> tuple[int, int, int]:
             f"model.d_model {config.d_model} is not divisible by model.n_heads {n_heads}; set model.head_dim"
         )
     head_dim = config.head_dim if config.head_dim is not None else config.d_model // n_heads
+    if head_dim < 2 or head_dim % 2:
+        raise ConfigError(f"head size {head_dim} (model.head_dim or d_model / n_heads) must be even for RoPE")
     if n_kv_heads < 1 or n_heads % n_kv_heads:
         raise ConfigError(f"model.n_heads {n_heads} must be a multiple of model.n_kv_heads {n_kv_heads}")
     return n_heads, n_kv_heads, head_dim

@@ -166,3 +166,10 @@ def test_forward_and_backward_compile_as_one_graph():
     torch.testing.assert_close(compiled(input_ids, document_ids), model(input_ids, document_ids))
     compiled(input_ids).sum().backward()
     assert model.layers[0].ffn.activation.weight.grad is not None
+
+
+def test_an_odd_head_size_or_empty_model_is_a_config_error():
+    with pytest.raises(ConfigError, match="head size 9 .* must be even"):
+        build_model(tiny_config(d_model=36), device="meta")
+    with pytest.raises(ConfigError, match="model.n_layers must be positive"):
+        build_model(tiny_config(n_layers=0), device="meta")
