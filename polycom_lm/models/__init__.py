@@ -1,7 +1,11 @@
 """Model families. `build_model(model_config, device)` looks `model.family` up in `MODEL_FAMILIES`.
 
 A family is a callable `(model_config) -> nn.Module` registered with `@MODEL_FAMILIES.register(name)`;
-the module must define `init_weights(generator=None)` (see `polycom_lm.models.dense.Transformer`).
+the module must define `init_weights(generator=None)` (see `polycom_lm.models.dense.Transformer`). A
+family that only swaps the FFN subclasses `Transformer` and passes `ffn_factory(config, layer_index)`;
+the FFN module it returns defines `init_weights(init_std, output_std, generator=None)` and, when not every
+weight multiplies every token (MoE), `active_parameter_count()` and `forward_flops_per_token()`, which
+`polycom_lm.models.flops` reads.
 """
 
 from __future__ import annotations
