@@ -14,7 +14,7 @@ import sys
 
 from polycom_lm.errors import PolycomError
 
-COMMANDS = ["info", "train"]
+COMMANDS = ["info", "train", "checkpoint"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,6 @@ Importing this package registers every engine; DeepSpeed itself is imported only
 """
 
 from polycom_lm.distributed.engine import ENGINES, Engine, build_engine
-from polycom_lm.distributed import ddp, fsdp  # noqa: F401,E402  (register the engines)
+from polycom_lm.distributed import ddp, deepspeed_engine, fsdp  # noqa: F401,E402  (register the engines)
 
 __all__ = ["ENGINES", "Engine", "build_engine"]

@@ -7,7 +7,6 @@ engine that scales, averages or shards anything wrongly shows up as a different 
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -67,10 +66,14 @@ def build_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.1)
 
 
-def reference_losses(config: Config, steps: int, model: Optional[torch.nn.Module] = None,
-                     start_state: Optional[dict] = None) -> list[float]:
+def reference_losses(config: Config, steps: int) -> list[float]:
     """Single-process losses of `steps` AdamW steps on the whole fixed batch, float32."""
-    model = copy.deepcopy(model) if model is not None else build_tiny_model(config)
+    return reference_run(config, steps)[0]
+
+
+def reference_run(config: Config, steps: int) -> tuple[list[float], torch.nn.Module]:
+    """(losses, trained model) of `steps` single-process AdamW steps on the whole fixed batch, float32."""
+    model = build_tiny_model(config)
     optimizer = build_optimizer(model)
     batch = fixed_batch(config)
     losses = []
@@ -82,7 +85,7 @@ def reference_losses(config: Config, steps: int, model: Optional[torch.nn.Module
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
         losses.append(loss.item())
-    return losses
+    return losses, model
 
 
 def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int) -> float:

@@ -138,7 +138,26 @@ def config_with(config, **training):
     return config
 
 
-SCENARIOS = {"engines": scenario_engines, "fsdp_tp": scenario_fsdp_tp}
+def scenario_deepspeed(output: Path, shared: Path) -> dict:
+    """2 ranks: ZeRO 1/2/3 in fp32 with gradient accumulation, ZeRO 2 in bf16, and a stage-3 checkpoint."""
+    results = {}
+    for stage in (1, 2, 3):
+        results[f"zero{stage}_fp32_accumulate"] = run_losses(
+            tiny_config(backend="deepspeed", zero_stage=stage), steps=3, micro_batches=2
+        )
+    results["zero2_bf16"] = run_losses(
+        config_with(tiny_config(backend="deepspeed", zero_stage=2), precision="bf16"), steps=3
+    )
+    results["zero3_saved"] = run_losses(
+        tiny_config(backend="deepspeed", zero_stage=3), steps=2, checkpoint_out=shared / "zero3_step2"
+    )
+    results["zero3_resumed"] = run_losses(
+        tiny_config(backend="deepspeed", zero_stage=3), steps=2, checkpoint_in=shared / "zero3_step2"
+    )
+    return results
+
+
+SCENARIOS = {"engines": scenario_engines, "fsdp_tp": scenario_fsdp_tp, "deepspeed": scenario_deepspeed}
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def results(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return {activation: reference_losses(tiny_config(activation), steps=4) for activation in ("polynorm", "polyrelu", "swiglu")}
+    return {a: reference_losses(tiny_config(a), steps=4) for a in ("polynorm", "polyrelu", "swiglu")}
 
 
 def assert_losses_close(actual, expected, relative):
@@ -99,3 +99,29 @@ def test_tp2_checkpoint_resumes_on_one_process(results, reference):
 
 def test_single_process_checkpoint_resumes_on_two_ranks(results, reference):
     assert_losses_close(results["resume_on_2"]["losses"], reference["swiglu"][2:4], relative=1e-5)
+
+
+def test_tp2_checkpoint_consolidates_to_the_canonical_single_process_model(results, tmp_path):
+    """The TP 2 SwiGLU checkpoint holds in-proj rows as [gate | up] (not the interleaved shard order):
+    the consolidated file equals the single-process model after the same 2 steps."""
+    from safetensors.torch import load_file
+
+    from engine_harness import reference_run
+    from polycom_lm.cli import main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_2").symlink_to(Path(results["shared"]) / "saved_on_2")
+    out = tmp_path / "model.safetensors"
+    assert main(["checkpoint", "consolidate", str(run_dir), "--step", "2", "--out", str(out)]) == 0
+    config = tiny_config("swiglu")
+    model = build_tiny_model(config, seed=99)
+    model.load_state_dict(load_file(str(out)), strict=True)
+    _, trained = reference_run(config, steps=2)
+    # Adam turns 1e-7 gradient noise into ~1e-5 weight noise at lr 1e-2; a wrong row layout is off by ~0.1.
+    for name, parameter in trained.state_dict().items():
+        error = (model.state_dict()[name] - parameter).abs().max().item()
+        assert error < 1e-4, f"{name}: max difference {error:.2e} from the single-process model"
+    # Refuses to overwrite what the user has, and names a missing step with the ones available.
+    assert main(["checkpoint", "consolidate", str(run_dir), "--step", "2", "--out", str(out)]) == 2
+    assert main(["checkpoint", "consolidate", str(run_dir), "--step", "7", "--out", str(tmp_path / "x")]) == 2

@@ -1,0 +1,97 @@
+"""`polycom-lm checkpoint consolidate RUN_DIR [--step N] --out FILE`: one safetensors model file from a
+checkpoint of any engine (DCP from ddp / fsdp / tensor parallel, or DeepSpeed ZeRO 1/2/3).
+
+The file holds the model's parameters by name in the canonical (unsharded, TP-independent) layout, so
+`build_model(config.model)` + `load_state_dict(safetensors.torch.load_file(FILE))` restores the model in one
+process. When the run folder has its `config.yaml`, the state is checked against a freshly built model
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from polycom_lm.errors import CheckpointError
+
+CHECKPOINTS_FOLDER = "checkpoints"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("checkpoint", help="inspect and convert checkpoints")
+    actions = parser.add_subparsers(dest="checkpoint_command", metavar="ACTION")
+    actions.required = True
+    consolidate = actions.add_parser(
+        "consolidate",
+        help="write one safetensors model file from a (sharded / DeepSpeed) checkpoint",
+        description=__doc__.split("\n\n")[0],
+    )
+    consolidate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's output folder")
+    consolidate.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    consolidate.add_argument("--out", type=Path, required=True, metavar="FILE", help="safetensors file to write")
+    consolidate.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    consolidate.set_defaults(func=run_consolidate)
+
+
+def find_step_directory(run_dir: Path, step: int | None) -> Path:
+    """RUN_DIR/checkpoints/step_N (or the latest one when `step` is None)."""
+    from polycom_lm.train.checkpoint import latest_checkpoint, list_checkpoints, step_directory
+
+    checkpoints = run_dir / CHECKPOINTS_FOLDER
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder not found: {run_dir}")
+    if step is None:
+        latest = latest_checkpoint(checkpoints)
+        if latest is None:
+            raise CheckpointError(f"{run_dir}: no checkpoint yet (no {CHECKPOINTS_FOLDER}/latest)")
+        return latest
+    directory = step_directory(checkpoints, step)
+    if not directory.is_dir():
+        available = [str(number) for number, _ in list_checkpoints(checkpoints)]
+        raise CheckpointError(
+            f"{run_dir}: no checkpoint for step {step}; available steps: {', '.join(available) or 'none'}"
+        )
+    return directory
+
+
+def check_against_config(run_dir: Path, state: dict) -> str | None:
+    """Load `state` strictly into a model built from RUN_DIR/config.yaml; returns the config path used."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return None
+    from polycom_lm.config import load_config
+    from polycom_lm.models import build_model
+
+    config = load_config(config_path)
+    model = build_model(config.model, device="meta")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        details = "; ".join(
+            f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+            if names
+        )
+        raise CheckpointError(f"checkpoint does not match the model of {config_path} ({details})")
+    return str(config_path)
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    from polycom_lm.distributed.consolidate import checkpoint_format, consolidated_model_state, write_safetensors
+
+    if args.out.exists() and not args.force:
+        raise CheckpointError(f"{args.out} exists; pass --force to replace it")
+    directory = find_step_directory(args.run_dir, args.step)
+    kind = checkpoint_format(directory)
+    state = consolidated_model_state(directory)
+    config_path = check_against_config(args.run_dir, state)
+    metadata = {"format": "pt", "source": str(directory), "checkpoint_format": kind}
+    write_safetensors(state, args.out, metadata)
+    parameters = sum(tensor.numel() for tensor in state.values())
+    print(f"checkpoint:  {directory} ({kind})")
+    if config_path:
+        print(f"checked:     against the model of {config_path}")
+    print(f"wrote:       {args.out} ({len(state)} tensors, {parameters:,} parameters)")
+    return 0

@@ -1,0 +1,209 @@
+"""The `deepspeed` engine: `deepspeed.initialize` with ZeRO stage 1, 2 or 3, configured from the YAML.
+
+The DeepSpeed config is generated from our config (`build_deepspeed_config`): ZeRO stage, micro-batch and
+accumulation sizes, bf16, gradient clipping. A user JSON (`distributed.deepspeed_config`) overrides any
+generated key (nested mappings merge). Our own torch optimizer is passed in, so DeepSpeed compiles no
+optimizer op, and the learning rate is still set by our schedule on `engine.optimizer.param_groups`.
+
+How the loop's normalisation maps onto DeepSpeed:
+- The loop already divides its loss by the global number of target tokens (over all micro-batches), so
+  `backward` passes `scale_wrt_gas=False`: DeepSpeed must not divide by the accumulation steps again.
+- The accumulation boundary is set explicitly from `micro_batch_context(is_last_micro_batch)`, so
+  DeepSpeed reduces gradients on the last micro-batch and steps once per optimizer step.
+- DeepSpeed clips and steps inside one call (`engine.step()`), and only it knows the global norm of its
+  partitioned gradients. `clip_grad_norm` therefore runs that boundary step and returns DeepSpeed's norm;
+  `optimizer_step` has nothing left to do. Consequence: a non-finite step cannot be skipped by the loop
+  after the fact (the norm it sees is the one DeepSpeed already stepped with).
+
+Checkpoints use DeepSpeed's own format in `<directory>/deepspeed/` (model, ZeRO-partitioned optimizer
+state). `polycom-lm checkpoint consolidate` turns them into one safetensors model file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, ContextManager, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from polycom_lm.config import Config
+from polycom_lm.distributed.ddp import init_process_group_from_environment
+from polycom_lm.distributed.engine import ENGINES, Engine, OptimizerFactory
+from polycom_lm.distributed.mesh import current_world, validate_parallel_config
+from polycom_lm.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files live in <step directory>/deepspeed/
+
+
+def global_batch_size(config: Config) -> int:
+    training = config.training
+    if training.global_batch_tokens is not None:
+        return training.global_batch_tokens // training.seq_len
+    return training.global_batch_size
+
+
+def build_deepspeed_config(config: Config, dp_world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for `config` on `dp_world_size` ranks, with the user's JSON merged over it."""
+    micro = config.training.micro_batch_size
+    per_rank = max(global_batch_size(config) // dp_world_size, 1)
+    micro = min(micro, per_rank)
+    accumulation = max(per_rank // micro, 1)
+    clip = config.optimizer.grad_clip_norm
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * dp_world_size,
+        "zero_optimization": {"stage": config.distributed.zero_stage},
+        "bf16": {"enabled": config.training.precision == "bf16"},
+        "gradient_clipping": float(clip) if clip is not None else 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,  # our loop logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    path = config.distributed.deepspeed_config
+    if path:
+        try:
+            user = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"distributed.deepspeed_config: file not found: {path}") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"distributed.deepspeed_config {path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"distributed.deepspeed_config {path}: top level must be a JSON object")
+        _merge(generated, user)
+    stage = generated.get("zero_optimization", {}).get("stage")
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"ZeRO stage {stage!r} (after merging {path or 'the YAML'}) is not 1, 2 or 3")
+    return generated
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _init_single_process_group(device: torch.device) -> bool:
+    """DeepSpeed needs a process group even on one process; make a private one on a free local port."""
+    if dist.is_initialized():
+        return False
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return True
+
+
+@ENGINES.register("deepspeed")
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO 1/2/3 data parallelism."""
+
+    def __init__(self, config: Config, device: torch.device):
+        super().__init__(config, device)
+        world_size, _ = current_world()
+        world_size = max(world_size, int(os.environ.get("WORLD_SIZE", "1")))
+        validate_parallel_config(config, world_size)
+        self._owns_process_group = init_process_group_from_environment(device, config.distributed.timeout_minutes)
+        if not self._owns_process_group and not dist.is_initialized():
+            self._owns_process_group = _init_single_process_group(device)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        self._world_size, self._rank = current_world()
+        self._engine: Optional[Any] = None
+        self._stepped = False
+
+    @property
+    def dp_rank(self) -> int:
+        return self._rank
+
+    @property
+    def dp_world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def is_main_process(self) -> bool:
+        return self._rank == 0
+
+    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        import deepspeed
+
+        self.deepspeed_config = build_deepspeed_config(self.config, self._world_size)
+        optimizer = build_optimizer(model)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.deepspeed_config
+        )
+        self._engine = engine
+        self.model = engine
+        # The schedule sets lr on these param_groups; DeepSpeed's wrappers share the torch optimizer's.
+        self.optimizer = ds_optimizer
+        logger.info(
+            "deepspeed: ZeRO stage %d over %d ranks, bf16 %s",
+            self.deepspeed_config["zero_optimization"]["stage"], self._world_size,
+            self.deepspeed_config["bf16"]["enabled"],
+        )
+
+    def unwrapped_model(self) -> nn.Module:
+        assert self._engine is not None, "setup() has not been called"
+        return self._engine.module
+
+    def micro_batch_context(self, is_last_micro_batch: bool) -> ContextManager:
+        self._engine.set_gradient_accumulation_boundary(is_last_micro_batch)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        configured = self.deepspeed_config["gradient_clipping"]
+        if (max_norm or 0.0) != configured:
+            logger.warning("deepspeed clips at %s (its config), not at the requested %s", configured, max_norm)
+        self._engine.step()
+        self._stepped = True
+        norm = self._engine.get_global_grad_norm()
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"), dtype=torch.float32)
+
+    def optimizer_step(self) -> None:
+        if not self._stepped:
+            self._engine.step()
+        self._stepped = False
+
+    def zero_grad(self) -> None:
+        self._stepped = False
+        self._engine.zero_grad()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._world_size == 1:
+            return tensor
+        reduced = tensor.detach().clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced
+
+    def save_checkpoint(self, directory: Path) -> None:
+        self._engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        if not (Path(directory) / CHECKPOINT_TAG).is_dir():
+            raise CheckpointError(
+                f"{directory}: no DeepSpeed checkpoint ({CHECKPOINT_TAG}/ missing); a checkpoint from another "
+                "engine is loaded with that engine, or consolidated with `polycom-lm checkpoint consolidate`"
+            )
+        path, _ = self._engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        if path is None:
+            raise CheckpointError(f"{directory}: DeepSpeed could not load {CHECKPOINT_TAG}/")
+
+    def close(self) -> None:
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()

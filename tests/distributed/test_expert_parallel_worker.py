@@ -1,0 +1,110 @@
+"""Worker of test_expert_parallel.py (not a test): one rank of an expert-parallel run on gloo.
+
+Usage: python test_expert_parallel_worker.py OUTPUT_DIR EP (with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+Runs the cases of `expert_parallel_cases()` and saves each rank's results to OUTPUT_DIR/rank{r}.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+STEPS = 3
+MAX_GRAD_NORM = 0.5
+
+
+def expert_parallel_cases() -> list[dict]:
+    return [
+        {"activation": "polynorm", "per_expert_coefficients": False},
+        {"activation": "polyrelu", "per_expert_coefficients": True},
+        {"activation": "swiglu", "per_expert_coefficients": False},
+    ]
+
+
+def case_config(case: dict, ep: int):
+    from polycom_lm.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "model": {
+                "family": "moe", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "qk_norm": True,
+                "qk_norm_scope": "full", "activation": case["activation"], "activation_impl": "reference",
+                "max_seq_len": 16,
+                "moe": {"num_experts": 4, "top_k": 2, "expert_hidden_size": 16,
+                        "per_expert_coefficients": case["per_expert_coefficients"]},
+            },
+            "distributed": {"ep": ep},
+        }
+    )
+
+
+def build(config):
+    from polycom_lm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(config.model, device="cpu")
+    with torch.no_grad():  # a sharper router than the init's, so the routing is uneven across ranks
+        for layer in model.layers:
+            layer.ffn.router.weight.mul_(20.0)
+    return model
+
+
+def batch(rank_count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, 64, (2 * rank_count, 13), generator=generator)
+
+
+def step_loss(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    return logits, loss + sum(model.last_aux_losses.values())
+
+
+def main() -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from polycom_lm.distributed.expert_parallel import apply_expert_parallel
+
+    output_dir, ep = sys.argv[1], int(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    results = []
+    for case in expert_parallel_cases():
+        config = case_config(case, ep=ep)
+        model = build(config)
+        state = apply_expert_parallel(model, config)
+        wrapped = DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        tokens = batch(world_size)[2 * rank : 2 * rank + 2]
+        record = {"losses": [], "norms": [], "expert_names": state.expert_parameter_names}
+        for step in range(STEPS):
+            optimizer.zero_grad(set_to_none=True)
+            logits, loss = step_loss_ddp(wrapped, model, tokens)
+            loss.backward()
+            record["norms"].append(state.clip_grad_norm(model, MAX_GRAD_NORM).item())
+            if step == 0:
+                record["logits"] = logits.detach()
+                record["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            record["losses"].append(loss.item())
+            optimizer.step()
+        results.append(record)
+        del wrapped
+    torch.save(results, os.path.join(output_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def step_loss_ddp(wrapped, model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward through DDP (so its hooks run), aux losses read from the plain model."""
+    logits = wrapped(tokens[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    return logits, loss + sum(model.last_aux_losses.values())
+
+
+if __name__ == "__main__":
+    main()
