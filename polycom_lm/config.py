@@ -69,7 +69,8 @@ class ModelConfig:
     n_kv_heads: Optional[int] = None  # None: multi-head attention (n_kv_heads == n_heads)
     head_dim: Optional[int] = None  # None: d_model // n_heads
     # The gated (SwiGLU) FFN width. Non-gated activations use 3/2 of it so that parameters match,
-    # unless `ffn_width` sets the activation's input width explicitly.
+    # unless `ffn_width` sets the width explicitly (the activation's output and out-proj's input; a gated
+    # in-proj is twice as wide).
     ffn_hidden_size: int = 1376
     ffn_width: Optional[int] = None
     activation: str = "swiglu"
