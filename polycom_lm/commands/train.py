@@ -55,7 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from polycom_lm.train import run_training
     from polycom_lm.train.callbacks import ProgressCallback
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume not in (None, "latest") and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume training.max_steps=2000`: argparse took the override for the optional checkpoint path.
+        overrides.append(args.resume)
+        args.resume = "latest"
+    config = load_config(args.config, overrides)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         # Other ranks log warnings and errors only; rank 0 speaks for the run.

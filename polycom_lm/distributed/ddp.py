@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
@@ -136,7 +137,7 @@ class DDPEngine(Engine):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(state, checkpoint_id=str(directory), no_dist=not self._distributed)
-        except Exception as error:  # DCP raises a CheckpointException wrapping per-rank failures
+        except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{directory}: cannot load model/optimizer state ({first_line})") from None
         set_state_dict(

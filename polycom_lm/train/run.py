@@ -123,13 +123,10 @@ def run_training(
     try:
         rank = _global_rank()
         is_main = rank == 0
-        if is_main:
-            prepare_output(plan, config, resume_state.step if resume_state else 0)
-        _barrier()
-
         from polycom_lm.data import PackedDataset, check_vocab, prepare_run_data
         from polycom_lm.models import build_model
 
+        # A missing data folder or a vocabulary mismatch fails before the output folder is touched.
         data = prepare_run_data(config.data, is_main_process=is_main, barrier=_barrier)
         check_vocab(data.vocab_size, config.model.vocab_size, "model.vocab_size")
         dataset = PackedDataset(
@@ -146,6 +143,10 @@ def run_training(
         state = checkpoints.TrainerState(world_size=world_size)
         if plan.resume_from is not None:
             state = _resume(engine, plan.resume_from, rank, world_size, config.training.seed)
+        # Only now, with data, model and checkpoint known to be good, does the output folder change.
+        if is_main:
+            prepare_output(plan, config, state.step)
+        _barrier()
 
         output_dir = plan.output_dir
         checkpoints_dir = output_dir / CHECKPOINTS_DIR
