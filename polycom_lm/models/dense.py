@@ -97,6 +97,10 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         seq_len = input_ids.shape[1]
+        if document_ids is not None and document_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"document_ids shape {tuple(document_ids.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
+            )
         cos, sin = self.rope(seq_len)
         attention_mask = document_causal_mask(document_ids) if document_ids is not None else None
         h = self.tok_embeddings(input_ids)

@@ -66,6 +66,8 @@ def test_packed_documents_give_the_logits_of_separate_sequences():
         torch.testing.assert_close(together[:, 7:], model(second), rtol=0, atol=1e-5)
         # Without the document mask the second document does see the first.
         assert not torch.allclose(model(packed)[:, 7:], model(second), atol=1e-3)
+    with pytest.raises(ValueError, match="document_ids shape"):
+        model(packed, document_ids[:, :-1])
 
 
 def test_bf16_autocast_forward_is_close_to_fp32():
