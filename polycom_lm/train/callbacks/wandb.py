@@ -9,6 +9,8 @@ resolved config and metrics are sent: never environment variables or other secre
 from __future__ import annotations
 
 import logging
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,7 @@ class WandbCallback(Callback):
         if id_file.is_file():
             settings["id"] = id_file.read_text(encoding="utf-8").strip()
         else:
-            settings["id"] = wandb.util.generate_id()
+            settings["id"] = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             id_file.write_text(settings["id"] + "\n", encoding="utf-8")
         self._run = wandb.init(**settings)
         logger.info("wandb %s run %s (project %s, group %s)", settings["mode"], settings["id"],

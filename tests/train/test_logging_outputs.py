@@ -1,0 +1,49 @@
+"""wandb (offline), TensorBoard and profiler outputs of a run, and the MFU peak table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polycom_lm.train import run_training
+from polycom_lm.train.callbacks.wandb import wandb_settings
+from polycom_lm.train.flops import lookup_peak, peak_flops
+from trainer_test_helpers import load, run_config
+
+
+def test_wandb_settings_default_group_tags_and_offline_mode(prepared_data, tmp_path):
+    raw = run_config(prepared_data, tmp_path / "my_run")
+    del raw["logging"]["wandb_mode"]  # the default
+    config = load(raw, ["logging.wandb_tags=[ablation]"])
+    settings = wandb_settings(config, tmp_path / "my_run")
+    assert settings["mode"] == "offline"
+    assert settings["group"] == "trainer_test"  # the experiment name
+    assert settings["name"] == "my_run"
+    assert settings["tags"] == ["ablation", "polynorm", "dense"]
+    assert settings["config"]["model"]["activation"] == "polynorm"
+    custom = load(run_config(prepared_data, tmp_path / "r"), ["logging.wandb_group=sweep", "logging.wandb_run_name=a"])
+    assert (wandb_settings(custom, tmp_path)["group"], wandb_settings(custom, tmp_path)["name"]) == ("sweep", "a")
+
+
+def test_wandb_offline_tensorboard_and_profiler_write_their_files(prepared_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    raw = run_config(prepared_data, tmp_path / "run", max_steps=3, eval_every_steps=0, save_every_steps=0,
+                     profile_start_step=2, profile_num_steps=1)
+    raw["logging"].update({"wandb_mode": "offline", "tensorboard": True})
+    run_training(load(raw))
+    output = tmp_path / "run"
+    assert list((output / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run"
+    assert (output / "wandb_run_id").is_file()
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    assert (output / "profile" / "trace_rank0.json").stat().st_size > 0
+
+
+def test_peak_table_and_measured_fallback():
+    assert lookup_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert lookup_peak("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert lookup_peak("NVIDIA A100-SXM4-80GB", "fp32") == 156e12
+    assert lookup_peak("NVIDIA A10G", "bf16") == 70e12
+    assert lookup_peak("Some Future Chip", "bf16") is None
+    measured = peak_flops(torch.device("cpu"), "fp32")
+    assert "measured" in measured.source and measured.flops_per_second > 1e8
