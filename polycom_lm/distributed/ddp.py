@@ -56,6 +56,14 @@ def init_process_group_from_environment(device: torch.device, timeout_minutes: i
 class DDPEngine(Engine):
     """Data parallelism by replicated parameters and all-reduced (averaged) gradients."""
 
+    def __new__(cls, config: Config, device: torch.device):
+        if config.distributed.tp > 1:
+            # DDP × tensor parallel lives with the other DTensor engines (replicated FSDP2 on a 2D mesh).
+            from polycom_lm.distributed.fsdp import ReplicatedTensorParallelEngine
+
+            return ReplicatedTensorParallelEngine(config, device)
+        return super().__new__(cls)
+
     def __init__(self, config: Config, device: torch.device):
         super().__init__(config, device)
         self._owns_process_group = init_process_group_from_environment(

@@ -84,13 +84,16 @@ class FSDPEngine(Engine):
         self._mesh: Optional[DeviceMesh] = None
         self._dp_group: Optional[dist.ProcessGroup] = None
         if self._distributed:
-            replicate = config.distributed.fsdp_replicate
+            replicate = self._replicate_degree()
             shard = self._world_size // self._tp // replicate
             self._mesh = init_device_mesh(
                 device.type, (replicate, shard, self._tp), mesh_dim_names=("replicate", "shard", "tp")
             )
             self._dp_group = self._mesh["replicate", "shard"]._flatten("dp").get_group()
         self._module: Optional[nn.Module] = None
+
+    def _replicate_degree(self) -> int:
+        return self.config.distributed.fsdp_replicate
 
     # -- topology
     @property
@@ -121,7 +124,8 @@ class FSDPEngine(Engine):
     def _shard(self, model: nn.Module) -> None:
         assert self._mesh is not None
         distributed = self.config.distributed
-        data_mesh = self._mesh["replicate", "shard"] if distributed.fsdp_replicate > 1 else self._mesh["shard"]
+        replicate = self._replicate_degree()
+        data_mesh = self._mesh["replicate", "shard"] if replicate > 1 else self._mesh["shard"]
         kwargs: dict = {"mesh": data_mesh}
         if self.config.training.precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -133,7 +137,7 @@ class FSDPEngine(Engine):
         fully_shard(model, reshard_after_forward=False, **kwargs)
         logger.info(
             "fsdp: %d blocks sharded over %d data-parallel ranks (replicate %d), tp %d, precision %s",
-            len(model.layers), self.dp_world_size, distributed.fsdp_replicate, self._tp,
+            len(model.layers), self.dp_world_size, replicate, self._tp,
             self.config.training.precision,
         )
 
@@ -172,3 +176,15 @@ class FSDPEngine(Engine):
     def close(self) -> None:
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class ReplicatedTensorParallelEngine(FSDPEngine):
+    """`ddp` with `distributed.tp` > 1: tensor parallel inside each group of tp ranks, parameters fully
+    replicated across the data-parallel groups and gradients all-reduced (averaged), i.e. DDP semantics.
+
+    Implemented as HSDP with a shard degree of 1 (FSDP2 handles DTensor parameters from TP, which classic
+    `DistributedDataParallel` does not). The `ddp` engine hands over to this class when tp > 1.
+    """
+
+    def _replicate_degree(self) -> int:
+        return self._world_size // self._tp

@@ -62,7 +62,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def tensor_parallel_case(activation: str, **distributed) -> dict:
     """Forward output and gradients of one step against the plain model, then a few steps of losses."""
-    config = tiny_config(activation, backend="fsdp", **distributed)
+    config = tiny_config(activation, **{"backend": "fsdp", **distributed})
     reference = build_tiny_model(config)
     model = copy.deepcopy(reference)
     engine = build_engine(config, DEVICE)
@@ -129,6 +129,9 @@ def scenario_fsdp_tp(output: Path, shared: Path) -> dict:
         case = tensor_parallel_case(activation, tp=2)
         case.update(run_losses(tiny_config(activation, backend="fsdp", tp=2), steps=3, micro_batches=1))
         results[f"fsdp2_tp2_{activation}"] = case
+    case = tensor_parallel_case("polynorm", tp=2, backend="ddp")
+    case.update(run_losses(tiny_config("polynorm", backend="ddp", tp=2), steps=3, micro_batches=2))
+    results["ddp2_tp2_polynorm"] = case
     return results
 
 

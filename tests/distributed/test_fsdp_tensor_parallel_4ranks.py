@@ -1,0 +1,37 @@
+"""On 4 gloo processes: FSDP 2 × TP 2 and DDP 2 × TP 2 (2D meshes) reproduce the single-process forward
+output, gradients and losses, with PolyNorm (row norms over the full FFN width) and SwiGLU ([gate | up]
+sharding). One launch for all cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine_harness import reference_losses, run_worker, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    shared = tmp_path_factory.mktemp("fsdp_tp")
+    output = shared / "results.json"
+    run_worker(4, "fsdp_tp", output, str(shared))
+    return json.loads(output.read_text())
+
+
+@pytest.mark.parametrize(
+    "case, activation",
+    [("fsdp2_tp2_polynorm", "polynorm"), ("fsdp2_tp2_swiglu", "swiglu"), ("ddp2_tp2_polynorm", "polynorm")],
+)
+def test_two_dimensional_data_and_tensor_parallel_matches_single_process(results, case, activation):
+    measured = results[case]
+    assert measured["forward_relative_error"] < 1e-5
+    worst = max(measured["gradient_relative_error"].items(), key=lambda item: item[1])
+    assert worst[1] < 1e-5, f"gradient of {worst[0]} differs by {worst[1]:.2e}"
+    expected = reference_losses(tiny_config(activation), steps=3)
+    for step, (actual, wanted) in enumerate(zip(measured["losses"], expected, strict=True)):
+        assert abs(actual - wanted) <= 1e-5 * wanted, f"step {step}: {actual} vs single-process {wanted}"
+    if activation == "polynorm":
+        assert measured["naive_shard_norm_relative_error"] > 1e-3
