@@ -14,7 +14,7 @@ import sys
 
 from polycom_lm.errors import PolycomError
 
-COMMANDS = ["info", "train", "checkpoint"]
+COMMANDS = ["info", "train", "checkpoint", "tokenizer", "preprocess"]
 
 
 def build_parser() -> argparse.ArgumentParser:

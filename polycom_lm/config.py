@@ -124,8 +124,11 @@ class DataConfig:
     # For a raw training source without explicit validation sets: hold out this fraction of documents.
     val_fraction: float = 0.0
     preprocess_workers: int = 2
-    text_field: str = "text"
-    document_delimiter: Optional[str] = None  # e.g. "<|endoftext|>" lines; None: one document per file
+    text_field: str = "text"  # the field holding a document in jsonl / json / parquet / Hugging Face rows
+    # Plain text files: None (one document per file), a line that separates documents (e.g. "<|endoftext|>"),
+    # or "blank_lines" (one or more blank lines separate documents).
+    document_delimiter: Optional[str] = None
+    decode_errors: Literal["strict", "replace"] = "strict"  # bad UTF-8: an error naming file and byte, or U+FFFD
     document_masks: bool = False
     loader_workers: int = 0
 

@@ -1,0 +1,197 @@
+"""Tokenise sources into token shards with several worker processes.
+
+    out/train/        a shard folder (see `shards`), every document followed by EOS
+    out/validation/   when documents are held out (`val_fraction`) or validation sources are given
+
+The main process reads documents (streamed) and cuts them into chunks of about `chunk_chars`
+characters; workers encode chunks; the main process writes results in submission order, with at most
+`2 * workers` chunks in flight, so memory stays flat and the output is byte-identical whatever `workers`.
+Which documents are held out is decided by a hash of each document's text, so it is stable too.
+Everything is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import concurrent.futures.process
+import hashlib
+import itertools
+import logging
+import multiprocessing
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from polycom_lm.data import shards
+from polycom_lm.data.sources import SourceOptions, open_source
+from polycom_lm.data.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer
+from polycom_lm.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]  # (tokens written, documents written) since the last call
+
+_worker_tokenizer: Optional[Tokenizer] = None
+
+
+def held_out(text: str, fraction: float) -> bool:
+    """Whether a document goes to validation: a hash of its text, read as a number in [0, 1), is below
+    `fraction` (duplicates therefore never straddle the split)."""
+    if fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def encode_chunk(tokenizer: Tokenizer, texts: Sequence[str], dtype: np.dtype,
+                 val_fraction: float) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Encode documents with EOS appended. Returns tokens [sum(lengths)], lengths [documents] int64 and,
+    when `val_fraction` > 0, a held-out mask [documents] bool."""
+    encoded = tokenizer.encode_batch(texts, add_eos=True)
+    lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+    tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum()))
+    mask = None
+    if val_fraction > 0.0:
+        mask = np.fromiter((held_out(text, val_fraction) for text in texts), dtype=bool, count=len(texts))
+    return tokens, lengths, mask
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _encode_in_worker(texts: list[str], dtype: str, val_fraction: float):
+    assert _worker_tokenizer is not None
+    return encode_chunk(_worker_tokenizer, texts, np.dtype(dtype), val_fraction)
+
+
+def chunk_documents(documents: Iterable[str], chunk_chars: int, max_documents: int = 4096) -> Iterator[list[str]]:
+    """Group documents into lists of about `chunk_chars` characters (a longer document is a chunk alone)."""
+    chunk: list[str] = []
+    size = 0
+    for document in documents:
+        chunk.append(document)
+        size += len(document)
+        if size >= chunk_chars or len(chunk) >= max_documents:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encoded_chunks(chunks: Iterator[list[str]], tokenizer: Tokenizer, workers: int, dtype: np.dtype,
+                    val_fraction: float):
+    """Encoded chunks in input order; in-process for one worker, else a bounded pipeline of processes."""
+    if workers <= 1:
+        for chunk in chunks:
+            yield encode_chunk(tokenizer, chunk, dtype, val_fraction)
+        return
+    # spawn: safe whatever threads the parent runs (torch, tqdm). An executor, unlike multiprocessing.Pool,
+    # raises BrokenProcessPool when a worker dies instead of waiting forever.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                initargs=(str(tokenizer.directory),)) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(_encode_in_worker, chunk, dtype.str, val_fraction))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except concurrent.futures.process.BrokenProcessPool as error:
+            raise RuntimeError(f"a tokeniser worker process died ({error})") from error
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _write_split(writer: shards.ShardWriter, tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> None:
+    if keep.all():
+        writer.write(tokens, lengths)
+    elif keep.any():
+        writer.write(tokens[np.repeat(keep, lengths)], lengths[keep])
+
+
+def preprocess(sources: Sequence[str], tokenizer_dir: Path, out: Path, *, workers: int = 1,
+               val_fraction: float = 0.0, val_sources: Sequence[str] = (),
+               options: SourceOptions = SourceOptions(), progress: Optional[ProgressCallback] = None,
+               chunk_chars: int = 1 << 20) -> dict[str, Path]:
+    """Tokenise `sources` into `out/train` (and `out/validation`). Returns {"train": path, ...}.
+
+    `val_fraction` holds out that fraction of the training sources' documents; `val_sources` are
+    tokenised into validation instead (give one or the other). `out` must not exist yet.
+    """
+    if not sources:
+        raise DataError("no data source given")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction {val_fraction} must be in [0, 1)")
+    if val_fraction > 0.0 and val_sources:
+        raise DataError("give either a validation fraction or validation sources, not both")
+    if workers < 1:
+        raise DataError(f"workers must be at least 1, got {workers}")
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"output folder {out} already exists; choose a new one or remove it")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    dtype = shards.token_dtype(tokenizer.vocab_size)
+    train_sources = [open_source(spec, options) for spec in sources]
+    validation_sources = [open_source(spec, options) for spec in val_sources]
+    settings = {"options": options.describe(), "val_fraction": val_fraction}
+
+    def describe(group) -> str:
+        return " + ".join(source.describe() for source in group)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = shards.partial_dir(out)
+    partial.mkdir()
+    writers: list[shards.ShardWriter] = []
+    try:
+        train = shards.ShardWriter(partial / "train", tokenizer.vocab_size, tokenizer.eos_id, tokenizer.describe(),
+                                   describe(train_sources), extra={"split": "train", "settings": settings})
+        writers.append(train)
+        validation = None
+        if val_fraction > 0.0 or validation_sources:
+            validation = shards.ShardWriter(
+                partial / "validation", tokenizer.vocab_size, tokenizer.eos_id, tokenizer.describe(),
+                describe(validation_sources or train_sources), extra={"split": "validation", "settings": settings})
+            writers.append(validation)
+
+        def run(group, writer, split_writer=None):
+            documents = itertools.chain.from_iterable(source.documents() for source in group)
+            chunks = chunk_documents(documents, chunk_chars)
+            fraction = val_fraction if split_writer is not None else 0.0
+            for tokens, lengths, mask in _encoded_chunks(chunks, tokenizer, workers, dtype, fraction):
+                if mask is None:
+                    writer.write(tokens, lengths)
+                else:
+                    _write_split(writer, tokens, lengths, ~mask)
+                    _write_split(split_writer, tokens, lengths, mask)
+                if progress is not None:
+                    progress(int(tokens.size), int(lengths.size))
+
+        run(train_sources, train, validation if val_fraction > 0.0 else None)
+        if validation_sources:
+            run(validation_sources, validation)
+        results = {}
+        for writer in writers:
+            manifest = writer.finish()
+            name = manifest["split"]
+            if manifest["num_documents"] == 0:
+                raise DataError(f"the {name} split is empty (val_fraction {val_fraction} of "
+                                f"{train.num_documents + (validation.num_documents if validation else 0)} documents); "
+                                f"use more data or another val_fraction")
+            copy_tokenizer(tokenizer, writer.path / shards.TOKENIZER_SUBDIR)
+            results[name] = out / name
+            logger.info("%s: %d documents, %d tokens (%s)", out / name, manifest["num_documents"],
+                        manifest["num_tokens"], manifest["dtype"])
+        shards.commit_dir(partial, out)
+        return results
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        shards.remove_partial(partial)
+        raise

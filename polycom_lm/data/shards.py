@@ -1,0 +1,228 @@
+"""The on-disk token shard format: one folder per shard.
+
+    <shard>/tokens.bin            every document's token ids, EOS-terminated, concatenated; little-endian
+                                  uint16 when the vocabulary fits in 16 bits, else uint32
+    <shard>/document_offsets.bin  int64 [num_documents + 1]: document d is tokens[offsets[d]:offsets[d+1]]
+    <shard>/tokenizer/            a copy of the tokenizer that produced the ids (shards are self-contained)
+    <shard>/manifest.json         format, dtype, counts, vocab size, tokenizer identity, source description
+
+A folder is a shard exactly when it holds `manifest.json` with `"format": "polycom_lm.shard"`. The
+manifest holds no timestamps, so the same inputs give byte-identical folders.
+
+Writers build the folder under a temporary sibling name and rename it when complete, so an interrupted run
+never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from polycom_lm.errors import DataError
+
+FORMAT = "polycom_lm.shard"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENS = "tokens.bin"
+OFFSETS = "document_offsets.bin"
+TOKENIZER_SUBDIR = "tokenizer"
+PARTIAL_SUFFIX = ".partial"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def is_shard(path: Path) -> bool:
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (ValueError, OSError):
+        return True  # it claims to be a shard; `read_shard` reports what is wrong with it
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A validated shard folder, memory-mapped. `tokens` is [num_tokens], `offsets` [num_documents + 1]."""
+
+    path: Path
+    manifest: dict[str, Any]
+    tokens: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["num_tokens"])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.manifest["num_documents"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def tokenizer_identity(self) -> str:
+        return str(self.manifest["tokenizer"]["identity"])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER_SUBDIR
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read and check `<path>/manifest.json`; DataError naming the folder when missing or malformed."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise DataError(f"shard folder {path} does not exist")
+    if not manifest_path.is_file():
+        raise DataError(f"{path} is not a token shard: {MANIFEST} is missing (make one with `polycom-lm preprocess`)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{manifest_path}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{manifest_path}: not a polycom_lm shard manifest (expected \"format\": \"{FORMAT}\")")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(this version reads {FORMAT_VERSION})"
+        )
+    required = {"dtype": str, "num_tokens": int, "num_documents": int, "vocab_size": int, "eos_id": int,
+                "max_token_id": int, "tokenizer": dict, "source": str}
+    for key, kind in required.items():
+        if not isinstance(manifest.get(key), kind):
+            raise DataError(f"{manifest_path}: field {key!r} is missing or not a {kind.__name__}")
+    if "identity" not in manifest["tokenizer"]:
+        raise DataError(f"{manifest_path}: field 'tokenizer' lacks 'identity'")
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{manifest_path}: dtype {manifest['dtype']!r} is not uint16 or uint32")
+    return manifest
+
+
+def read_shard(path: Path) -> Shard:
+    """Open a shard folder read-only (memory-mapped) after checking the manifest against the files."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    where = path / MANIFEST
+    dtype = np.dtype("<u2") if manifest["dtype"] == "uint16" else np.dtype("<u4")
+    num_tokens, num_documents = manifest["num_tokens"], manifest["num_documents"]
+    for name, expected in ((TOKENS, num_tokens * dtype.itemsize), (OFFSETS, (num_documents + 1) * 8)):
+        file = path / name
+        if not file.is_file():
+            raise DataError(f"{path}: {name} is missing (the manifest promises {expected} bytes)")
+        actual = file.stat().st_size
+        if actual != expected:
+            raise DataError(f"{path}: {name} has {actual} bytes but {where} implies {expected}")
+    if manifest["max_token_id"] >= manifest["vocab_size"]:
+        raise DataError(
+            f"{path}: token id {manifest['max_token_id']} is outside the vocabulary of size {manifest['vocab_size']}"
+        )
+    if num_tokens == 0:
+        raise DataError(f"{path}: shard holds no tokens")
+    tokens = np.memmap(path / TOKENS, dtype=dtype, mode="r", shape=(num_tokens,))
+    offsets = np.memmap(path / OFFSETS, dtype="<i8", mode="r", shape=(num_documents + 1,))
+    if offsets[0] != 0 or offsets[-1] != num_tokens:
+        raise DataError(f"{path}: {OFFSETS} does not span the {num_tokens} tokens of {TOKENS}")
+    return Shard(path=path, manifest=manifest, tokens=tokens, offsets=offsets)
+
+
+class ShardWriter:
+    """Streams documents into a shard folder under construction (`<final>.partial` inside a temporary
+    parent), so memory stays flat. `finish()` writes the manifest; the caller renames the parent."""
+
+    def __init__(self, path: Path, vocab_size: int, eos_id: int, tokenizer: dict[str, Any], source: str,
+                 extra: Optional[dict[str, Any]] = None):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=False)
+        self.dtype = token_dtype(vocab_size)
+        self.vocab_size = vocab_size
+        self.eos_id = eos_id
+        self.tokenizer = tokenizer
+        self.source = source
+        self.extra = extra or {}
+        self._tokens = open(self.path / TOKENS, "wb")
+        self._offsets = open(self.path / OFFSETS, "wb")
+        self._offsets.write(np.zeros(1, dtype="<i8").tobytes())
+        self._digest = hashlib.sha256()
+        self.num_tokens = 0
+        self.num_documents = 0
+        self.max_token_id = -1
+
+    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents: `tokens` [sum(lengths)] ids (EOS included), `lengths` [documents] int64."""
+        if lengths.size == 0:
+            return
+        if tokens.size:
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
+        data = tokens.astype(self.dtype, copy=False).tobytes()
+        self._tokens.write(data)
+        self._digest.update(data)
+        ends = self.num_tokens + np.cumsum(lengths, dtype=np.int64)
+        self._offsets.write(ends.astype("<i8").tobytes())
+        self.num_tokens = int(ends[-1])
+        self.num_documents += int(lengths.size)
+
+    def finish(self) -> dict[str, Any]:
+        self._tokens.close()
+        self._offsets.close()
+        if self.max_token_id >= self.vocab_size:
+            raise DataError(
+                f"{self.source}: tokenizer produced id {self.max_token_id}, outside its vocabulary of "
+                f"{self.vocab_size} (is the tokenizer folder consistent?)"
+            )
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dtype": "uint16" if self.dtype.itemsize == 2 else "uint32",
+            "num_tokens": self.num_tokens,
+            "num_documents": self.num_documents,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "max_token_id": self.max_token_id,
+            "tokens_sha256": self._digest.hexdigest(),
+            "tokenizer": self.tokenizer,
+            "source": self.source,
+            **self.extra,
+        }
+        (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return manifest
+
+    def abort(self) -> None:
+        for handle in (self._tokens, self._offsets):
+            if not handle.closed:
+                handle.close()
+
+
+def partial_dir(final: Path) -> Path:
+    """A unique temporary sibling of `final` (same filesystem, so the final rename is atomic)."""
+    final = Path(final)
+    return final.with_name(f"{final.name}{PARTIAL_SUFFIX}-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def commit_dir(partial: Path, final: Path) -> None:
+    """Rename a finished temporary folder to its final name; refuse to replace anything that exists."""
+    for root, _, files in os.walk(partial):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+    if Path(final).exists():
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(f"{final} appeared while it was being written; left it as it is")
+    os.rename(partial, final)
+
+
+def remove_partial(partial: Path) -> None:
+    shutil.rmtree(partial, ignore_errors=True)
