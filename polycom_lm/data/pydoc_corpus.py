@@ -44,8 +44,11 @@ def _topics() -> Iterator[tuple[str, str]]:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data
         return
-    for name in sorted(topics):
-        yield f"topic:{name}", topics[name]
+    seen: set[str] = set()
+    for name in sorted(topics):  # several topics share one text ("pdb" and its aliases): keep the first
+        if topics[name] not in seen:
+            seen.add(topics[name])
+            yield f"topic:{name}", topics[name]
 
 
 def _module_files() -> Iterator[Path]:
