@@ -55,6 +55,8 @@ def _convert_interleaved(model: nn.Module, state: dict[str, Any], to_canonical: 
             model_state[name] = _relayout(model_state[name], tp, convert)
         moments = optimizer_moments.get(name)
         if moments:
+            # The per-parameter dict may be the optimizer's live state: replace it, never mutate it.
+            moments = optimizer_moments[name] = dict(moments)
             shape = model_state[name].shape
             for key, value in list(moments.items()):
                 if isinstance(value, torch.Tensor) and value.shape == shape:

@@ -90,7 +90,7 @@ def test_polynorm_naive_per_shard_norm_is_caught(results):
 
 def test_tp2_checkpoint_resumes_on_one_process(results, reference):
     shared = Path(results["shared"])
-    assert_losses_close(results["save_tp2_swiglu"]["losses"], reference["swiglu"][:2], relative=1e-5)
+    assert_losses_close(results["save_tp2_swiglu"]["losses"], reference["swiglu"][:4], relative=1e-5)
     continued = single_process_run(
         tiny_config("swiglu", backend="fsdp"), steps=2, checkpoint_in=shared / "saved_on_2"
     )
