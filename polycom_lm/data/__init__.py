@@ -11,25 +11,34 @@
     prepare.py       `prepare_run_data`: a run's data config → cached shards, built once by the main process
 """
 
-from polycom_lm.data.dataset import PackedDataset, ValidationDataset
-from polycom_lm.data.prepare import PreparedData, prepare_run_data
-from polycom_lm.data.preprocess import preprocess
-from polycom_lm.data.shards import read_shard
-from polycom_lm.data.sources import SOURCES, SourceOptions, open_source
-from polycom_lm.data.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_sentencepiece
+import importlib
 
-__all__ = [
-    "PackedDataset",
-    "PreparedData",
-    "SOURCES",
-    "SourceOptions",
-    "Tokenizer",
-    "ValidationDataset",
-    "check_vocab",
-    "load_tokenizer",
-    "open_source",
-    "prepare_run_data",
-    "preprocess",
-    "read_shard",
-    "train_sentencepiece",
-]
+# Imported lazily (PEP 562) so that tokeniser worker processes, which import
+# `polycom_lm.data.preprocess`, do not pay for torch.
+_EXPORTS = {
+    "PackedDataset": "dataset",
+    "ValidationDataset": "dataset",
+    "PreparedData": "prepare",
+    "prepare_run_data": "prepare",
+    "read_shard": "shards",
+    "SOURCES": "sources",
+    "SourceOptions": "sources",
+    "open_source": "sources",
+    "Tokenizer": "tokenizer",
+    "check_vocab": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "train_sentencepiece": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'polycom_lm.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"polycom_lm.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
