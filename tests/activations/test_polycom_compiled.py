@@ -68,3 +68,29 @@ def test_compiled_polynorm_compiles_inside_a_model_without_graph_break():
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
     for got, expected in zip((p.grad for p in model.parameters()), eager_grads):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_tensor_parallel_variant_matches_full_width():
+    """Shard 0 of rows split in two, with a reducer that adds shard 1's row sums / dots as the all-reduce
+    would: the compiled staged functions give the full-width output and input gradient."""
+    from polycom_lm.activations.kernels import closed_form
+    from polycom_lm.activations.kernels.fused import polynorm_fused
+    from polycom_lm.activations.kernels.reference import polynorm_reference
+
+    generator = torch.Generator().manual_seed(3)
+    x, grad = torch.randn(4, 40, generator=generator), torch.randn(4, 40, generator=generator)
+    weight, bias = torch.randn(3, generator=generator), torch.randn(1, generator=generator)
+    full = x.clone().requires_grad_()
+    polynorm_reference(full, weight, bias).backward(grad)
+    expected_out = polynorm_reference(x, weight, bias)
+    local, other = slice(0, 24), slice(24, 40)
+    contributions = [
+        closed_form.polynorm_row_sums(x[:, other], 3),
+        closed_form.polynorm_row_dots(x[:, other], grad[:, other], 3),
+    ]
+    shard = x[:, local].clone().requires_grad_()
+    out = polynorm_fused(shard, weight, bias, 1e-6, "compiled", lambda partial: partial + contributions.pop(0), 40)
+    out.backward(grad[:, local])
+    assert not contributions
+    torch.testing.assert_close(out, expected_out[:, local], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shard.grad, full.grad[:, local], rtol=1e-5, atol=1e-5)

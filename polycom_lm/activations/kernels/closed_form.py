@@ -126,7 +126,10 @@ def polynorm_backward(
     """Single-device PolyNorm backward: (dx [rows, w], d weight [r], d bias [1])."""
     dots = polynorm_row_dots(x, grad, weight.shape[0])
     input_grad = polynorm_input_grad(x, grad, inverse_norms, dots, weight, x.shape[-1])
-    weight_grad, bias_grad = polynorm_coefficient_grads(grad, inverse_norms, dots)
+    weight_grad = (inverse_norms * dots).sum(0).flip(0)
+    # Per-row sums first: a reduction of the same shape as the row dots, which a compiler fuses into the
+    # same pass over grad (a whole-tensor sum would be a pass of its own).
+    bias_grad = grad.to(inverse_norms.dtype).sum(-1).sum().reshape(1)
     return input_grad, weight_grad, bias_grad
 
 
