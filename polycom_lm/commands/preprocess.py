@@ -41,17 +41,23 @@ def run(args: argparse.Namespace) -> int:
     from polycom_lm.data.preprocess import preprocess
     from polycom_lm.data.shards import read_manifest
 
-    with tqdm(unit="tok", unit_scale=True, disable=args.no_progress, desc="tokenising", dynamic_ncols=True) as bar:
-        documents = [0]
+    # The bar appears with the first tokens, so input errors found up front print only their one line.
+    state = {"bar": None, "documents": 0}
 
-        def progress(tokens: int, new_documents: int) -> None:
-            documents[0] += new_documents
-            bar.update(tokens)
-            bar.set_postfix(documents=documents[0], refresh=False)
+    def progress(tokens: int, documents: int) -> None:
+        if state["bar"] is None:
+            state["bar"] = tqdm(unit="tok", unit_scale=True, desc="tokenising", dynamic_ncols=True)
+        state["documents"] += documents
+        state["bar"].set_postfix(documents=state["documents"], refresh=False)
+        state["bar"].update(tokens)
 
+    try:
         outputs = preprocess(args.source, Path(args.tokenizer), Path(args.out), workers=args.workers,
                              val_fraction=args.val_fraction, val_sources=args.val_source,
-                             options=source_options(args), progress=progress)
+                             options=source_options(args), progress=None if args.no_progress else progress)
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
     for name, path in outputs.items():
         manifest = read_manifest(path)
         print(f"{name}: {path}  {manifest['num_documents']} documents, {manifest['num_tokens']} tokens, {manifest['dtype']}")
