@@ -130,7 +130,8 @@ class FSDPEngine(Engine):
         if self.config.training.precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if distributed.fsdp_cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            # Pinned host memory makes the host<->GPU copies asynchronous; there is none to pin without a GPU.
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
         for block in model.layers:
             fully_shard(block, **kwargs)
         # The root holds embeddings, final norm and head; it is gathered for the whole step anyway.

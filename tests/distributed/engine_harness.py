@@ -91,6 +91,7 @@ def reference_run(config: Config, steps: int) -> tuple[list[float], torch.nn.Mod
 def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int) -> float:
     """One optimizer step the way the training loop does it; returns the global mean loss."""
     rows = batch.shape[0] // engine.dp_world_size
+    assert rows % micro_batches == 0 and rows >= micro_batches, "the fixed batch does not split this way"
     local = batch[engine.dp_rank * rows : (engine.dp_rank + 1) * rows]
     target_tokens = batch[:, 1:].numel()
     engine.zero_grad()

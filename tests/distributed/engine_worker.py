@@ -109,6 +109,7 @@ def scenario_engines(output: Path, shared: Path) -> dict:
     results: dict = {}
     results["ddp_fp32_accumulate"] = run_losses(tiny_config(backend="ddp"), steps=3, micro_batches=2)
     results["fsdp_fp32_accumulate"] = run_losses(tiny_config(backend="fsdp"), steps=3, micro_batches=2)
+    results["fsdp_cpu_offload"] = run_losses(tiny_config(backend="fsdp", fsdp_cpu_offload=True), steps=3)
     results["fsdp_bf16"] = run_losses(
         config_with(tiny_config(backend="fsdp"), precision="bf16"), steps=3
     )
@@ -137,6 +138,7 @@ def scenario_fsdp_tp(output: Path, shared: Path) -> dict:
     case = tensor_parallel_case("polynorm", tp=2, backend="ddp")
     case.update(run_losses(tiny_config("polynorm", backend="ddp", tp=2), steps=3, micro_batches=2))
     results["ddp2_tp2_polynorm"] = case
+    results["hsdp_replicate2_shard2"] = run_losses(tiny_config(backend="fsdp", fsdp_replicate=2), steps=3)
     return results
 
 

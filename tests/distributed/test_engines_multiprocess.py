@@ -62,7 +62,7 @@ def assert_losses_close(actual, expected, relative):
         assert abs(a - e) <= relative * abs(e), f"step {step}: {a} vs single-process {e} (rel {abs(a - e) / abs(e):.2e})"
 
 
-@pytest.mark.parametrize("case", ["ddp_fp32_accumulate", "fsdp_fp32_accumulate"])
+@pytest.mark.parametrize("case", ["ddp_fp32_accumulate", "fsdp_fp32_accumulate", "fsdp_cpu_offload"])
 def test_data_parallel_engine_fp32_with_accumulation_matches_single_process(results, reference, case):
     assert_losses_close(results[case]["losses"], reference["polynorm"][:3], relative=1e-6)
 

@@ -1,6 +1,7 @@
 """On 4 gloo processes: FSDP 2 × TP 2 and DDP 2 × TP 2 (2D meshes) reproduce the single-process forward
 output, gradients and losses, with PolyNorm (row norms over the full FFN width) and SwiGLU ([gate | up]
-sharding). One launch for all cases."""
+sharding); and HSDP (replicate 2 × shard 2) reproduces the single-process losses. One launch for all
+cases."""
 
 from __future__ import annotations
 
@@ -35,3 +36,9 @@ def test_two_dimensional_data_and_tensor_parallel_matches_single_process(results
         assert abs(actual - wanted) <= 1e-5 * wanted, f"step {step}: {actual} vs single-process {wanted}"
     if activation == "polynorm":
         assert measured["naive_shard_norm_relative_error"] > 1e-3
+
+
+def test_hybrid_sharding_replicate_2_shard_2_matches_single_process(results):
+    expected = reference_losses(tiny_config("polynorm"), steps=3)
+    for step, (actual, wanted) in enumerate(zip(results["hsdp_replicate2_shard2"]["losses"], expected, strict=True)):
+        assert abs(actual - wanted) <= 1e-6 * wanted, f"step {step}: {actual} vs single-process {wanted}"
