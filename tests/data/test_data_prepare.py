@@ -142,3 +142,29 @@ def test_builtin_pydoc_uses_its_fixed_held_out_part(tmp_path, monkeypatch):
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
     np.testing.assert_array_equal(np.asarray(read_shard(prepared.validation["validation"]).tokens),
                                   reference_tokens(tokenizer, documents["validation"]))
+
+
+def test_two_concurrent_runs_build_each_cache_entry_once(tmp_path, monkeypatch):
+    write_text_files(tmp_path / "corpus", make_documents(30))
+    config = data_config(tmp_path, tmp_path / "corpus")
+    calls = []
+    real_preprocess, real_train = prepare_module.preprocess, prepare_module.train_sentencepiece
+
+    def counting(real, name):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(prepare_module, "preprocess", counting(real_preprocess, "preprocess"))
+    monkeypatch.setattr(prepare_module, "train_sentencepiece", counting(real_train, "tokenizer"))
+    results = []
+    # flock locks belong to open file descriptions, so two threads exclude each other like two processes.
+    threads = [threading.Thread(target=lambda: results.append(prepare_run_data(config, is_main_process=True,
+                                                                               barrier=no_barrier))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and results[0] == results[1]
+    assert sorted(calls) == ["preprocess", "tokenizer"]
