@@ -42,19 +42,21 @@ def test_compiled_matches_reference_in_fp32_and_bf16(name):
 
 
 class TinyFFN(nn.Module):
-    def __init__(self):
+    def __init__(self, impl: str):
         super().__init__()
         self.up = nn.Linear(16, 24, bias=False)
-        self.activation = build_activation("polynorm", impl="compiled")
+        self.activation = build_activation("polynorm", impl=impl)
         self.down = nn.Linear(24, 16, bias=False)
 
     def forward(self, x):
         return self.down(self.activation(self.up(x)))
 
 
-def test_compiled_polynorm_compiles_inside_a_model_without_graph_break():
+@pytest.mark.parametrize("impl", ["compiled", "fused"])
+def test_polynorm_compiles_inside_a_model_without_graph_break(impl):
+    """`compiled`: an opaque custom op in the graph; `fused`: the autograd Function traced by Dynamo."""
     torch.manual_seed(0)
-    model = TinyFFN()
+    model = TinyFFN(impl)
     x = torch.randn(4, 8, 16)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1

@@ -47,8 +47,14 @@ def compile_available(device_type: str) -> bool:
 
 
 def fused_backend(device: torch.device) -> str:
-    """The backend of the `fused` implementation on `device`."""
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    """The backend of the `fused` implementation on `device`.
+
+    While `torch.compile` traces a model the closed-form PyTorch ops are used even on CUDA: Inductor
+    fuses them into its own Triton kernels together with the neighbouring ops, and the trace stays free of
+    hand-written kernel launches."""
+    if device.type == "cuda" and triton_available() and not torch.compiler.is_compiling():
+        return "triton"
+    return "torch"
 
 
 def resolve_impl(impl: str, device: torch.device, numel: int = COMPILED_MIN_ELEMENTS) -> str:
