@@ -116,7 +116,7 @@ class FSDPEngine(Engine):
         if self._distributed:
             assert self._mesh is not None
             if self._tp > 1:
-                parallelize_tensor_parallel(model, self._mesh["tp"])
+                parallelize_tensor_parallel(model, self._mesh["tp"], self.config.distributed.sequence_parallel)
             self._shard(model)
         self.model = model
         self.optimizer = build_optimizer(model)

@@ -92,10 +92,10 @@ def validate_parallel_config(config: Config, world_size: int) -> None:
                 "distributed.backend='deepspeed' does not compose with distributed.tp > 1 here; "
                 "use backend 'fsdp' or 'ddp' for tensor parallelism"
             )
-        if distributed.sequence_parallel:
+        if distributed.sequence_parallel and config.training.seq_len % tp:
             raise ConfigError(
-                "distributed.sequence_parallel is not implemented yet; set it to false "
-                "(tensor parallelism without sequence parallelism is supported)"
+                f"distributed.sequence_parallel splits each sequence over tp={tp} ranks, but training.seq_len="
+                f"{config.training.seq_len} is not divisible by {tp}"
             )
     if distributed.backend == "deepspeed" and distributed.zero_stage not in SUPPORTED_ZERO_STAGES:
         raise ConfigError(

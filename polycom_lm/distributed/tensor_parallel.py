@@ -19,8 +19,16 @@ Three things plain column/row sharding gets wrong, handled here:
    their shard; their `row_sum_reducer` is set to an all-reduce over the TP group and `full_width` to
    the whole width, so the row norms span all of it (the math lives in the activation's autograd
    function).
-3. Replicated coefficients inside the sharded region (PolyNorm / PolyReLU `weight`, `bias`) get only a
-   partial gradient on each TP rank; their local view sums its gradient over the TP group in backward.
+3. Replicated parameters inside the sharded region (PolyNorm / PolyReLU `weight`, `bias`; the QK-norm
+   gain shared by all heads) get only a partial gradient on each TP rank; their local view sums its
+   gradient over the TP group in backward.
+
+Sequence parallelism (`distributed.sequence_parallel`): between the sharded regions the residual stream
+is split along the sequence ([batch, seq / tp, d_model] per rank) instead of replicated, so embeddings'
+output, RMSNorms and residual adds run on 1/tp of the tokens and their activations take 1/tp of the
+memory. Attention and FFN inputs are all-gathered along the sequence, and the row-parallel outputs are
+reduce-scattered instead of all-reduced (same communication volume). The norms' (and embeddings')
+gradients then come from the local tokens only and are summed over the TP group.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 
 from polycom_lm.errors import ConfigError
 
@@ -155,13 +163,30 @@ def check_tensor_parallel_widths(model: nn.Module, tp: int) -> None:
             )
 
 
-def parallelize_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+def _keep_local_sequence_chunk(tp: int, tp_rank: int):
+    """Forward hook: [batch, seq, d] → this rank's [batch, seq / tp, d] (gradient zero elsewhere)."""
+
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[1] % tp:
+            raise ValueError(
+                f"sequence parallelism over {tp} ranks needs a sequence length divisible by {tp}, got {output.shape[1]}"
+            )
+        return output.chunk(tp, dim=1)[tp_rank]
+
+    return hook
+
+
+def parallelize_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
     """Apply the Megatron-style plan to a built dense model in place (parameters become DTensors on
     `tp_mesh`). The model must be materialised (not on the meta device); rank 0 of the TP group is the
     source of the parameter values."""
     tp = tp_mesh.size()
     check_tensor_parallel_widths(model, tp)
     tied = model.output.weight is model.tok_embeddings.weight
+    if sequence_parallel and tied:
+        raise ConfigError("distributed.sequence_parallel does not support model.tie_embeddings; untie or disable it")
+    # With sequence parallelism the residual stream is Shard(1) between the sharded regions.
+    residual = Shard(1) if sequence_parallel else Replicate()
     for block in model.layers:
         ffn = block.ffn
         activation = ffn.activation
@@ -170,11 +195,28 @@ def parallelize_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Mod
             "attention.q_proj": ColwiseParallel(),
             "attention.k_proj": ColwiseParallel(),
             "attention.v_proj": ColwiseParallel(),
-            "attention.o_proj": RowwiseParallel(),
+            "attention.o_proj": RowwiseParallel(output_layouts=residual),
             "ffn.in_proj": GatedColwiseParallel() if gated else ColwiseParallel(),
-            "ffn.out_proj": RowwiseParallel(),
+            "ffn.out_proj": RowwiseParallel(output_layouts=residual),
         }
+        if sequence_parallel:
+            # One all-gather along the sequence feeds q, k and v (and in_proj); Attention reads the
+            # sequence length from its input, so it must see the whole sequence.
+            plan["attention"] = PrepareModuleInput(
+                input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None),
+                use_local_output=True,
+            )
+            plan["ffn"] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            )
         parallelize_module(block, tp_mesh, plan)
+        for name in ("q_norm", "k_norm"):
+            # One gain shared by all heads; each rank holds only its own heads' contribution.
+            if hasattr(block.attention, name):
+                _replicate_parameters_with_local_forward(getattr(block.attention, name), tp_mesh, sum_gradients=True)
+        if sequence_parallel:
+            for norm in (block.attention_norm, block.ffn_norm):
+                _replicate_parameters_with_local_forward(norm, tp_mesh, sum_gradients=True)
         if getattr(activation, "normalizes_over_width", False):
             if gated:
                 raise ConfigError(
@@ -192,15 +234,23 @@ def parallelize_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Mod
                 )
     if not tied:
         parallelize_module(
-            model, tp_mesh, {"output": ColwiseParallel(output_layouts=Replicate(), use_local_output=True)}
+            model, tp_mesh,
+            {"output": ColwiseParallel(input_layouts=residual, output_layouts=Replicate(), use_local_output=True)},
         )
+    if sequence_parallel:
+        tp_rank = tp_mesh.get_local_rank()
+        model.tok_embeddings.register_forward_hook(_keep_local_sequence_chunk(tp, tp_rank))
+        _replicate_parameters_with_local_forward(model.tok_embeddings, tp_mesh, sum_gradients=True)
+        _replicate_parameters_with_local_forward(model.norm, tp_mesh, sum_gradients=True)
     # Everything not yet sharded (embeddings, norms, QK-norm gains, a tied head) is replicated and computed
     # identically on every TP rank from replicated inputs, so its gradient is already complete.
     converted: dict[int, nn.Parameter] = {}
     for submodule in model.modules():
         if any(not isinstance(p, DTensor) for p in submodule.parameters(recurse=False)):
             _replicate_parameters_with_local_forward(submodule, tp_mesh, sum_gradients=False, converted=converted)
-    logger.info("tensor parallel over %d ranks applied to %d blocks", tp, len(model.layers))
+    logger.info(
+        "tensor parallel over %d ranks applied to %d blocks (sequence parallel: %s)", tp, len(model.layers), sequence_parallel
+    )
     return model
 
 

@@ -30,7 +30,7 @@ LEARNING_RATE = 1e-2
 MAX_GRAD_NORM = 1.0
 
 
-def tiny_config(activation: str = "polynorm", **distributed) -> Config:
+def tiny_config(activation: str = "polynorm", qk_norm: bool = False, **distributed) -> Config:
     """4 heads / 2 kv heads, FFN width 64 (gated) or 96 (non-gated): divisible by TP 2."""
     return config_from_dict(
         {
@@ -44,6 +44,7 @@ def tiny_config(activation: str = "polynorm", **distributed) -> Config:
                 "activation": activation,
                 "activation_impl": "reference",
                 "max_seq_len": SEQ_LEN,
+                "qk_norm": qk_norm,
             },
             "training": {"seq_len": SEQ_LEN, "global_batch_size": GLOBAL_BATCH},
             "distributed": distributed,

@@ -64,9 +64,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
 
 
-def tensor_parallel_case(activation: str, **distributed) -> dict:
+def tensor_parallel_case(activation: str, qk_norm: bool = False, **distributed) -> dict:
     """Forward output and gradients of one step against the plain model, then a few steps of losses."""
-    config = tiny_config(activation, **{"backend": "fsdp", **distributed})
+    config = tiny_config(activation, qk_norm, **{"backend": "fsdp", **distributed})
     reference = build_tiny_model(config)
     model = copy.deepcopy(reference)
     engine = build_engine(config, DEVICE)
@@ -117,6 +117,12 @@ def scenario_engines(output: Path, shared: Path) -> dict:
         results[f"tp2_{activation}"] = tensor_parallel_case(activation, tp=2)
         results[f"tp2_{activation}"].update(run_losses(tiny_config(activation, backend="fsdp", tp=2), steps=3))
     # Save on 2 ranks (TP 2, interleaved gated layout) after 2 steps; the test resumes on 1.
+    # Sequence parallel: norms and embeddings on sequence shards; QK-norm: one gain shared by sharded heads.
+    results["tp2_sequence_parallel_polynorm"] = tensor_parallel_case("polynorm", tp=2, sequence_parallel=True)
+    results["tp2_sequence_parallel_polynorm"].update(
+        run_losses(tiny_config("polynorm", backend="fsdp", tp=2, sequence_parallel=True), steps=3)
+    )
+    results["tp2_qk_norm_swiglu"] = tensor_parallel_case("swiglu", qk_norm=True, tp=2)
     # Training on after the save shows that saving leaves the live optimizer state alone.
     results["save_tp2_swiglu"] = run_losses(
         tiny_config("swiglu", backend="fsdp", tp=2), steps=4, checkpoint_out=shared / "saved_on_2", save_after_step=2

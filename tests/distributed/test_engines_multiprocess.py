@@ -125,3 +125,19 @@ def test_tp2_checkpoint_consolidates_to_the_canonical_single_process_model(resul
     # Refuses to overwrite what the user has, and names a missing step with the ones available.
     assert main(["checkpoint", "consolidate", str(run_dir), "--step", "2", "--out", str(out)]) == 2
     assert main(["checkpoint", "consolidate", str(run_dir), "--step", "7", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_sequence_parallel_tp2_matches_single_process(results, reference):
+    case = results["tp2_sequence_parallel_polynorm"]
+    assert case["forward_relative_error"] < 1e-5
+    worst = max(case["gradient_relative_error"].items(), key=lambda item: item[1])
+    assert worst[1] < 1e-5, f"gradient of {worst[0]} differs by {worst[1]:.2e}"
+    assert_losses_close(case["losses"], reference["polynorm"][:3], relative=1e-5)
+
+
+def test_qk_norm_gain_shared_by_sharded_heads_gets_the_full_gradient(results):
+    case = results["tp2_qk_norm_swiglu"]
+    assert case["forward_relative_error"] < 1e-5
+    for name, error in case["gradient_relative_error"].items():
+        assert error < 1e-5, f"gradient of {name} differs by {error:.2e}"
+    assert any("q_norm" in name for name in case["gradient_relative_error"])

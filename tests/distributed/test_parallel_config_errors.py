@@ -80,3 +80,11 @@ def test_cli_reports_bad_engine_config_before_training(tmp_path):
     assert completed.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "zero_stage" in completed.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_sequence_parallel_needs_a_sequence_length_divisible_by_tp():
+    config = tiny_config(backend="fsdp", tp=2, sequence_parallel=True)
+    config.training.seq_len = 15
+    with pytest.raises(ConfigError) as error:
+        validate_parallel_config(config, world_size=2)
+    assert "training.seq_len=15" in one_line(error)
