@@ -175,7 +175,7 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast
     param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 without fp32 master weights when set to bf16
     activation_checkpointing: Literal["none", "activation", "block"] = "none"
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block (the quickstart configs turn it on)
     on_nonfinite: Literal["skip", "stop"] = "skip"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # torch.profiler trace (Chrome JSON under <output_dir>/profile/) of steps [start, start + num_steps).

@@ -3,7 +3,7 @@ checkpoints and exact resume (`checkpoint.py`), MFU (`flops.py`), config checks 
 output folder (`output.py`) and the entry point `run_training` (`run.py`)."""
 
 from polycom_lm.train.loop import Callback, StepResult, Trainer, TrainingStopped
-from polycom_lm.train.run import RunResult, run_training
+from polycom_lm.train.run import RunResult, build_trainer, run_training
 from polycom_lm.train.validation import BatchLayout, validate_config
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "StepResult",
     "Trainer",
     "TrainingStopped",
+    "build_trainer",
     "run_training",
     "validate_config",
 ]

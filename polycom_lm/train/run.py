@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from polycom_lm.config import Config
-from polycom_lm.distributed.engine import build_engine
+from polycom_lm.distributed.engine import Engine, build_engine
 from polycom_lm.train import checkpoint as checkpoints
 from polycom_lm.train.callbacks import (
     CheckpointCallback,
@@ -100,6 +100,36 @@ def _logged_evaluation(metrics_path: Path, step: int) -> Optional[tuple[int, lis
     return (step, rows) if rows else None
 
 
+def setup_model(config: Config, engine: Engine) -> None:
+    """Build the model as `polycom-lm train` does and hand it to `engine` with the optimizer: seeded init
+    (identical on every rank), bf16 parameters if asked, activation checkpointing, compiled blocks."""
+    from polycom_lm.models import build_model
+
+    checkpoints.seed_everything(config.training.seed)
+    model = build_model(config.model, device=engine.device)
+    if config.training.param_dtype == "bf16":
+        model = model.to(torch.bfloat16)  # no fp32 master weights
+    apply_training_transforms(model, config.training)
+    engine.setup(model, lambda module: build_optimizer(module, config.optimizer))
+
+
+def build_trainer(config: Config, dataset: Any, device: Optional[torch.device] = None) -> Trainer:
+    """A single-process Trainer over `dataset` (anything with `global_batch(...)`) with exactly the training
+    step of `polycom-lm train` (engine, optimizer, precision, checkpointing, compile), but no output folder,
+    callbacks or checkpoints: for benchmarks (`trainer.train_step()`) and tests."""
+    layout = validate_config(config, 1)
+    device = device or resolve_device(config.training.device)
+    import_engines(config.distributed.backend)
+    engine = build_engine(config, device)
+    setup_model(config, engine)
+    return Trainer(
+        config, engine, layout, dataset, checkpoints.TrainerState(),
+        build_schedule(config.schedule, config.training.max_steps, layout.tokens_per_step), [],
+        flops_per_token=training_flops_per_token(config.model, config.training.seq_len),
+        peak_flops_per_device=float("nan"), world_size=1, barrier=_barrier, save_checkpoint=lambda trainer: None,
+    )
+
+
 def run_training(
     config: Config,
     *,
@@ -124,7 +154,6 @@ def run_training(
         rank = _global_rank()
         is_main = rank == 0
         from polycom_lm.data import PackedDataset, check_vocab, prepare_run_data
-        from polycom_lm.models import build_model
 
         # A missing data folder or a vocabulary mismatch fails before the output folder is touched.
         data = prepare_run_data(config.data, is_main_process=is_main, barrier=_barrier)
@@ -133,12 +162,7 @@ def run_training(
             data.train, config.training.seq_len, config.training.seed, document_ids=config.data.document_masks
         )
 
-        checkpoints.seed_everything(config.training.seed)  # identical initial weights on every rank
-        model = build_model(config.model, device=device)
-        if config.training.param_dtype == "bf16":
-            model = model.to(torch.bfloat16)  # no fp32 master weights
-        apply_training_transforms(model, config.training)
-        engine.setup(model, lambda module: build_optimizer(module, config.optimizer))
+        setup_model(config, engine)
 
         state = checkpoints.TrainerState(world_size=world_size)
         if plan.resume_from is not None:
