@@ -125,3 +125,11 @@ def test_shared_tinystories_splits_on_endoftext_lines():
     documents = documents_of(path, document_delimiter="<|endoftext|>")
     assert 1700 <= len(documents) <= 1730  # README: 1,727 full stories + 1 partial
     assert not any("<|endoftext|>" in document for document in documents)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "pretrain" / "english_novels").is_dir(), reason="shared data absent")
+def test_shared_english_novels_are_one_document_per_book_without_bom():
+    documents = documents_of(SHARED_DATA / "pretrain" / "english_novels" / "valid")
+    assert len(documents) == 2  # README: Burnett_Princess_1905, Chesterton_Innocence_1911
+    assert not any(document.startswith("\ufeff") for document in documents)
+    assert sum(map(len, documents)) > 700_000
