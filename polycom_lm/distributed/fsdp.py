@@ -116,7 +116,12 @@ class FSDPEngine(Engine):
         if self._distributed:
             assert self._mesh is not None
             if self._tp > 1:
-                parallelize_tensor_parallel(model, self._mesh["tp"], self.config.distributed.sequence_parallel)
+                parallelize_tensor_parallel(
+                    model,
+                    self._mesh["tp"],
+                    sequence_parallel=self.config.distributed.sequence_parallel,
+                    recompute_activations=self.config.training.activation_checkpointing == "activation",
+                )
             self._shard(model)
         self.model = model
         self.optimizer = build_optimizer(model)

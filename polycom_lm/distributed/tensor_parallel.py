@@ -38,6 +38,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -100,13 +101,21 @@ class _SumGradientOverGroup(torch.autograd.Function):
 
 
 def _replicate_parameters_with_local_forward(
-    module: nn.Module, mesh: DeviceMesh, sum_gradients: bool, converted: Optional[dict[int, nn.Parameter]] = None
+    module: nn.Module,
+    mesh: DeviceMesh,
+    sum_gradients: bool,
+    converted: Optional[dict[int, nn.Parameter]] = None,
+    recompute: bool = False,
 ) -> None:
     """Make `module`'s own parameters Replicate DTensors on `mesh` and run its forward on local tensors.
 
     With `sum_gradients`, each rank's gradient is a partial one (the module sits between a column- and a
     row-parallel layer) and is summed over the TP group in backward. `converted` maps already replicated
     parameters (by id of the original) to their DTensor, so tied weights stay tied.
+
+    `recompute`: the module's forward is recomputed in backward (activation checkpointing). The swap to
+    local tensors must then happen inside the checkpointed function, or the recomputation would meet the
+    DTensor parameters; the class's own forward is wrapped (replacing an instance-level checkpoint wrapper).
     """
     converted = {} if converted is None else converted
     names = [name for name, parameter in module.named_parameters(recurse=False) if not isinstance(parameter, DTensor)]
@@ -119,7 +128,7 @@ def _replicate_parameters_with_local_forward(
     if not names and not sum_gradients:
         return
     group = mesh.get_group()
-    original_forward = module.forward
+    original_forward = type(module).forward.__get__(module) if recompute else module.forward
 
     def forward_on_local_parameters(*args, **kwargs):
         saved = {}
@@ -136,7 +145,14 @@ def _replicate_parameters_with_local_forward(
         finally:
             module._parameters.update(saved)
 
-    module.forward = forward_on_local_parameters
+    if recompute:
+
+        def recomputed_forward_on_local_parameters(*args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(forward_on_local_parameters, *args, use_reentrant=False, **kwargs)
+
+        module.forward = recomputed_forward_on_local_parameters
+    else:
+        module.forward = forward_on_local_parameters
 
 
 def _make_row_sum_reducer(group: dist.ProcessGroup) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -176,10 +192,13 @@ def _keep_local_sequence_chunk(tp: int, tp_rank: int):
     return hook
 
 
-def parallelize_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
+def parallelize_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False, recompute_activations: bool = False
+) -> nn.Module:
     """Apply the Megatron-style plan to a built dense model in place (parameters become DTensors on
     `tp_mesh`). The model must be materialised (not on the meta device); rank 0 of the TP group is the
-    source of the parameter values."""
+    source of the parameter values. `recompute_activations`: the FFN activations are checkpointed
+    (`training.activation_checkpointing: activation`)."""
     tp = tp_mesh.size()
     check_tensor_parallel_widths(model, tp)
     tied = model.output.weight is model.tok_embeddings.weight
@@ -225,7 +244,9 @@ def parallelize_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_
                 )
             activation.row_sum_reducer = _make_row_sum_reducer(tp_mesh.get_group())
             activation.full_width = ffn.out_proj.in_features
-        _replicate_parameters_with_local_forward(activation, tp_mesh, sum_gradients=True)
+        _replicate_parameters_with_local_forward(
+            activation, tp_mesh, sum_gradients=True, recompute=recompute_activations
+        )
         for submodule in activation.modules():
             if submodule is not activation and any(True for _ in submodule.parameters(recurse=False)):
                 raise ConfigError(

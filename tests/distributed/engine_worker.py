@@ -22,6 +22,7 @@ from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed
 from polycom_lm.distributed import ENGINES  # noqa: F401  (registers the engines)
 from polycom_lm.distributed.engine import build_engine
 from polycom_lm.distributed.tensor_parallel import interleaved_parameter_degrees, interleaved_to_canonical
+from polycom_lm.train.transforms import apply_activation_checkpointing
 
 DEVICE = torch.device("cpu")
 
@@ -31,7 +32,10 @@ def run_losses(config, steps: int, micro_batches: int = 1, checkpoint_in=None, c
     """Losses of `steps` engine steps; optionally load a checkpoint first and save one after step
     `save_after_step` (default: the last), training on after it."""
     engine = build_engine(config, DEVICE)
-    engine.setup(build_tiny_model(config), build_optimizer)
+    model = build_tiny_model(config)
+    # As the trainer does: training transforms first, then the engine parallelises.
+    apply_activation_checkpointing(model, config.training.activation_checkpointing)
+    engine.setup(model, build_optimizer)
     if checkpoint_in is not None:
         engine.load_checkpoint(Path(checkpoint_in))
     batch = fixed_batch(config)
@@ -123,6 +127,10 @@ def scenario_engines(output: Path, shared: Path) -> dict:
         run_losses(tiny_config("polynorm", backend="fsdp", tp=2, sequence_parallel=True), steps=3)
     )
     results["tp2_qk_norm_swiglu"] = tensor_parallel_case("swiglu", qk_norm=True, tp=2)
+    # Recomputed PolyNorm under TP: the recomputation must see local coefficients and reduce row sums again.
+    results["tp2_recomputed_polynorm"] = run_losses(
+        config_with(tiny_config("polynorm", backend="fsdp", tp=2), activation_checkpointing="activation"), steps=3
+    )
     # Training on after the save shows that saving leaves the live optimizer state alone.
     results["save_tp2_swiglu"] = run_losses(
         tiny_config("swiglu", backend="fsdp", tp=2), steps=4, checkpoint_out=shared / "saved_on_2", save_after_step=2

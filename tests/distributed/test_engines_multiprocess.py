@@ -141,3 +141,7 @@ def test_qk_norm_gain_shared_by_sharded_heads_gets_the_full_gradient(results):
     for name, error in case["gradient_relative_error"].items():
         assert error < 1e-5, f"gradient of {name} differs by {error:.2e}"
     assert any("q_norm" in name for name in case["gradient_relative_error"])
+
+
+def test_tp2_with_recomputed_activations_matches_single_process(results, reference):
+    assert_losses_close(results["tp2_recomputed_polynorm"]["losses"], reference["polynorm"][:3], relative=1e-5)
