@@ -175,11 +175,24 @@ def save_checkpoint(
         else:
             os.replace(temporary, final)
         write_text_atomically(checkpoints_dir / LATEST_FILE, final.name + "\n")
-        for _, old in list_checkpoints(checkpoints_dir)[:-keep_last]:
+        # Keep this one and the keep_last - 1 newest before it. Checkpoints of later steps exist only after a
+        # resume from an earlier one; they are left alone (and replaced when this run reaches their step).
+        older = [path for step, path in list_checkpoints(checkpoints_dir) if step < state.step]
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
     barrier()
     return final
+
+
+def remove_incomplete(checkpoints_dir: Path) -> None:
+    """Delete folders of checkpoint writes that a crash interrupted (never a complete checkpoint)."""
+    if not checkpoints_dir.is_dir():
+        return
+    for child in checkpoints_dir.iterdir():
+        if child.is_dir() and child.name.startswith((".tmp-step_", ".stale-step_")):
+            shutil.rmtree(child, ignore_errors=True)
+            logger.info("removed the incomplete checkpoint write %s", child)
 
 
 def load_rng_state(directory: Path, rank: int) -> Optional[dict]:

@@ -17,7 +17,7 @@ import yaml
 
 from polycom_lm.config import Config, config_from_dict
 from polycom_lm.errors import CheckpointError, ConfigError, PolycomError
-from polycom_lm.train.checkpoint import latest_checkpoint, read_trainer_state
+from polycom_lm.train.checkpoint import latest_checkpoint, read_trainer_state, remove_incomplete
 from polycom_lm.train.callbacks.metrics_file import truncate_metrics_after
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,12 @@ def plan_output(config: Config, resume: Optional[str], overwrite: bool) -> Outpu
     if resume not in (None, "latest"):
         explicit = Path(resume)
         read_trainer_state(explicit)  # a one-line CheckpointError when it is not a checkpoint
+        holds_other_run = (output_dir / CONFIG_FILE).is_file() or (checkpoints / "latest").is_file()
+        if holds_other_run and explicit.resolve().parent != checkpoints.resolve():
+            raise ConfigError(
+                f"--resume {explicit}: training.output_dir {output_dir} already holds another run; continue "
+                f"into a new training.output_dir (or resume from one of {checkpoints}'s own checkpoints)"
+            )
         differs = bool((output_dir / CONFIG_FILE).is_file() and config_differences(
             read_saved_config(output_dir / CONFIG_FILE), config))
         return OutputPlan(output_dir, explicit, False, differs)
@@ -127,6 +133,7 @@ def prepare_output(plan: OutputPlan, config: Config, resumed_step: int) -> None:
                 path.unlink()
         logger.info("--overwrite: removed the previous run's files from %s", output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_incomplete(output_dir / CHECKPOINTS_DIR)
     config_path = output_dir / CONFIG_FILE
     if plan.previous_config_differs and config_path.is_file():
         kept = output_dir / f"config.before_step_{resumed_step}.yaml"

@@ -66,11 +66,11 @@ def batch_layout(config: Config, world_size: int) -> BatchLayout:
     return BatchLayout(global_batch, dp, local, training.micro_batch_size, local // training.micro_batch_size, training.seq_len)
 
 
-def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+def _positive(value: float, key: str, allow_zero: bool = False, hint: str = "") -> None:
     bad = value < 0 if allow_zero else value <= 0
     if bad or (isinstance(value, float) and not math.isfinite(value)):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key}={value} is invalid; it must be {bound}")
+        raise ConfigError(f"{key}={value} is invalid; it must be {bound}{hint}")
 
 
 def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
@@ -93,8 +93,8 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
             f"{config.model.max_seq_len}"
         )
     _positive(training.log_every_steps, "training.log_every_steps")
-    _positive(training.eval_every_steps, "training.eval_every_steps (0 evaluates only at the end)", allow_zero=True)
-    _positive(training.save_every_steps, "training.save_every_steps (0 saves only at the end)", allow_zero=True)
+    _positive(training.eval_every_steps, "training.eval_every_steps", True, " (0: evaluate only at the end)")
+    _positive(training.save_every_steps, "training.save_every_steps", True, " (0: save only at the end)")
     _positive(training.keep_last_checkpoints, "training.keep_last_checkpoints")
     _positive(training.profile_num_steps, "training.profile_num_steps")
     if not training.output_dir.strip():
@@ -103,6 +103,11 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
         raise ConfigError(f"training.device={training.device!r} is invalid; use auto, cpu, cuda or cuda:N")
     if training.param_dtype == "bf16" and training.precision != "bf16":
         raise ConfigError("training.param_dtype=bf16 needs training.precision=bf16")
+
+    if config.evaluation.micro_batch_size is not None:
+        _positive(config.evaluation.micro_batch_size, "evaluation.micro_batch_size")
+    if config.evaluation.max_tokens is not None:
+        _positive(config.evaluation.max_tokens, "evaluation.max_tokens")
 
     _validate_schedule(config)
     layout = batch_layout(config, world_size)

@@ -79,3 +79,25 @@ def test_bf16_autocast_block_checkpointing_and_token_units_run(prepared_data, tm
     assert all(math.isfinite(row["loss"]) for row in rows)
     assert rows[0]["lr"] == pytest.approx(3e-3)  # warmup of one step's tokens, then stable
     assert rows[1]["lr"] == pytest.approx(3e-3 * 0.1)  # decayed over the last 256 tokens to lr_min_ratio
+
+
+def test_resuming_from_an_earlier_own_checkpoint_replays_exactly_and_keeps_later_ones(prepared_data, tmp_path):
+    output = tmp_path / "run"
+    raw = run_config(prepared_data, output, max_steps=4, save_every_steps=1, eval_every_steps=0,
+                     keep_last_checkpoints=3)
+    run_training(load(raw))
+    original = [(row["step"], row["loss"], row["grad_norm"]) for row in train_rows(output / "metrics.jsonl")]
+    checkpoints = output / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_2", "step_3", "step_4"]
+
+    (checkpoints / ".tmp-step_9").mkdir()  # an interrupted write from some crash: cleaned up on start
+    run_training(load(raw), resume=str(checkpoints / "step_2"))
+    replayed = [(row["step"], row["loss"], row["grad_norm"]) for row in train_rows(output / "metrics.jsonl")]
+    assert replayed == original  # rows after step 2 were dropped and reproduced bitwise
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_2", "step_3", "step_4"]
+    assert (checkpoints / "latest").read_text().strip() == "step_4"
+
+    other = load(run_config(prepared_data, tmp_path / "other", max_steps=2, eval_every_steps=0))
+    run_training(other)
+    with pytest.raises(ConfigError, match="already holds another run; continue into a new training.output_dir"):
+        run_training(other, resume=str(checkpoints / "step_2"))
