@@ -135,22 +135,27 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
+    """AdamW; weight decay per parameter group (see `polycom_lm.train.optim`)."""
+
     name: Literal["adamw"] = "adamw"
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate; the schedule multiplies it
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1  # matrices
     weight_decay_norms: float = 0.0  # norm gains and biases
     weight_decay_embeddings: float = 0.0
     weight_decay_activation: float = 0.0  # PolyCom coefficients
-    grad_clip_norm: Optional[float] = 1.0
+    grad_clip_norm: Optional[float] = 1.0  # global L2 norm; null: no clipping (the norm is still logged)
     fused: Optional[bool] = None  # None: fused where the device supports it
 
 
 @dataclass
 class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then cosine / linear decay to lr_min_ratio · lr, or
+    warmup-stable-decay (wsd: constant, then a linear decay over the last decay_steps / decay_tokens)."""
+
     name: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    units: Literal["steps", "tokens"] = "steps"
+    units: Literal["steps", "tokens"] = "steps"  # which of the *_steps / *_tokens fields count
     warmup_steps: int = 0
     warmup_tokens: int = 0
     # Warmup-stable-decay: length of the final decay phase.
@@ -171,12 +176,12 @@ class TrainingConfig:
     log_every_steps: int = 10
     eval_every_steps: int = 100
     save_every_steps: int = 500
-    keep_last_checkpoints: int = 3
+    keep_last_checkpoints: int = 3  # older checkpoints are deleted once a newer one is complete
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast
     param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 without fp32 master weights when set to bf16
     activation_checkpointing: Literal["none", "activation", "block"] = "none"
     compile: bool = False  # torch.compile each transformer block (the quickstart configs turn it on)
-    on_nonfinite: Literal["skip", "stop"] = "skip"
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # NaN/inf loss or gradient norm: drop the update, or stop
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # torch.profiler trace (Chrome JSON under <output_dir>/profile/) of steps [start, start + num_steps).
     profile_start_step: Optional[int] = None
@@ -206,7 +211,7 @@ class LoggingConfig:
     wandb_tags: list[str] = field(default_factory=list)
     tensorboard: bool = False
     progress_bar: bool = True
-    log_activation_coefficients: bool = True
+    log_activation_coefficients: bool = True  # PolyNorm / PolyReLU coefficients of every layer, every log step
 
 
 @dataclass
