@@ -1,11 +1,14 @@
-"""wandb (offline), TensorBoard and profiler outputs of a run, and the MFU peak table."""
+"""wandb (offline), TensorBoard, progress bar and profiler outputs of a run, and the MFU peak table."""
 
 from __future__ import annotations
+
+import io
 
 import pytest
 import torch
 
 from polycom_lm.train import run_training
+from polycom_lm.train.callbacks import ProgressCallback
 from polycom_lm.train.callbacks.wandb import wandb_settings
 from polycom_lm.train.flops import lookup_peak, peak_flops
 from trainer_test_helpers import load, run_config
@@ -31,7 +34,10 @@ def test_wandb_offline_tensorboard_and_profiler_write_their_files(prepared_data,
     raw = run_config(prepared_data, tmp_path / "run", max_steps=3, eval_every_steps=0, save_every_steps=0,
                      profile_start_step=2, profile_num_steps=1)
     raw["logging"].update({"wandb_mode": "offline", "tensorboard": True})
-    run_training(load(raw))
+    console = io.StringIO()
+    run_training(load(raw), extra_callbacks=(ProgressCallback(stream=console),))
+    assert "3/3" in console.getvalue() and "loss=" in console.getvalue() and "tok_s=" in console.getvalue()
+    assert "step 3: validation heldout loss" in console.getvalue()
     output = tmp_path / "run"
     assert list((output / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run"
     assert (output / "wandb_run_id").is_file()
