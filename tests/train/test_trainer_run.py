@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from polycom_lm.config import load_config
 from polycom_lm.errors import ConfigError
@@ -101,3 +102,18 @@ def test_resuming_from_an_earlier_own_checkpoint_replays_exactly_and_keeps_later
     run_training(other)
     with pytest.raises(ConfigError, match="already holds another run; continue into a new training.output_dir"):
         run_training(other, resume=str(checkpoints / "step_2"))
+
+
+def test_bf16_parameters_without_fp32_master_weights_train(prepared_data, tmp_path):
+    from polycom_lm.train import build_trainer
+    from polycom_lm.data import PackedDataset
+
+    raw = run_config(prepared_data, tmp_path / "run", max_steps=2, precision="bf16", param_dtype="bf16")
+    config = load(raw)
+    trainer = build_trainer(config, PackedDataset([(prepared_data["train"], 1.0)], 32, seed=1))
+    model = trainer.engine.unwrapped_model()
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    before = model.layers[0].ffn.in_proj.weight.detach().clone()
+    results = [trainer.train_step() for _ in range(2)]
+    assert all(result.finite for result in results)
+    assert not torch.equal(model.layers[0].ffn.in_proj.weight, before)
