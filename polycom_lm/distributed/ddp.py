@@ -62,6 +62,11 @@ class DDPEngine(Engine):
             from polycom_lm.distributed.fsdp import ReplicatedTensorParallelEngine
 
             return ReplicatedTensorParallelEngine(config, device)
+        if config.distributed.ep > 1 and cls is DDPEngine:
+            # DDP × expert parallel: experts sharded over EP groups (polycom_lm/distributed/expert_parallel.py).
+            from polycom_lm.distributed.expert_parallel import ExpertParallelDDPEngine
+
+            return super().__new__(ExpertParallelDDPEngine)  # Python then runs its __init__ once
         return super().__new__(cls)
 
     def __init__(self, config: Config, device: torch.device):

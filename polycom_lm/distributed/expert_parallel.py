@@ -36,6 +36,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from polycom_lm.config import Config
 from polycom_lm.errors import ConfigError
@@ -142,9 +144,48 @@ class ExpertParallel:
     ep_size: int
     ep_rank: int
     world_size: int
-    ep_group: object
-    expert_data_group: Optional[object]
+    mesh: DeviceMesh
     expert_parameter_names: list[str] = field(default_factory=list)
+
+    @property
+    def ep_group(self):
+        return self.mesh.get_group("expert")
+
+    @property
+    def expert_data_group(self):
+        return self.mesh.get_group("expert_data") if self.world_size > self.ep_size else None
+
+    def to_checkpoint_state(self, model_state: dict, optimizer_state: dict) -> tuple[dict, dict]:
+        """Copies of a `get_state_dict` model and optimizer state whose expert shards are DTensors sharded
+        along the expert dim, so DCP writes each expert once and reloads on any ep / world size. The
+        inputs are not modified (their inner dicts may be the optimizer's own)."""
+        placements = [Replicate(), Shard(0)]
+        model_state = dict(model_state)
+        optimizer_state = dict(optimizer_state)
+        per_parameter_states = dict(optimizer_state.get("state", {}))
+        for name in self.expert_parameter_names:
+            local = model_state[name]
+            model_state[name] = DTensor.from_local(local, self.mesh, placements, run_check=False)
+            if name in per_parameter_states:
+                per_parameter_states[name] = {
+                    key: DTensor.from_local(value, self.mesh, placements, run_check=False)
+                    if isinstance(value, torch.Tensor) and value.shape == local.shape
+                    else value
+                    for key, value in per_parameter_states[name].items()
+                }
+        if "state" in optimizer_state:
+            optimizer_state["state"] = per_parameter_states
+        return model_state, optimizer_state
+
+    @staticmethod
+    def from_checkpoint_state(state):
+        """A copy of `state` with every DTensor replaced by its local shard (the inverse of
+        `to_checkpoint_state`)."""
+        if isinstance(state, DTensor):
+            return state.to_local()
+        if isinstance(state, dict):
+            return {key: ExpertParallel.from_checkpoint_state(value) for key, value in state.items()}
+        return state
 
     def expert_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         named = dict(model.named_parameters())
@@ -179,22 +220,11 @@ def _sum_of_squares(gradients: list[torch.Tensor], device: torch.device) -> torc
     return total
 
 
-def build_expert_parallel_groups(ep: int) -> tuple[object, Optional[object], int]:
-    """(this rank's EP group, its expert-data-parallel group or None when W == ep, rank in the EP group).
-
-    Every rank creates every group (a `new_group` requirement), in the same order."""
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    ep_group = expert_data_group = None
-    for start in range(0, world_size, ep):
-        group = dist.new_group(list(range(start, start + ep)))
-        if start <= rank < start + ep:
-            ep_group = group
-    if world_size > ep:
-        for position in range(ep):
-            group = dist.new_group(list(range(position, world_size, ep)))
-            if rank % ep == position:
-                expert_data_group = group
-    return ep_group, expert_data_group, rank % ep
+def build_expert_parallel_mesh(ep: int, device_type: str) -> DeviceMesh:
+    """The 2-D mesh ("expert_data", "expert") of shape (W / ep, ep): row i is the EP group of ranks
+    [i·ep, (i+1)·ep); column j (ranks j, j+ep, ...) is an expert-data-parallel group."""
+    world_size = dist.get_world_size()
+    return init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("expert_data", "expert"))
 
 
 def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> None:
@@ -221,8 +251,11 @@ def apply_expert_parallel(model: nn.Module, config: Config) -> Optional[ExpertPa
     validate_expert_parallel_config(config, world_size)
     if ep == 1:
         return None
-    ep_group, expert_data_group, ep_rank = build_expert_parallel_groups(ep)
-    state = ExpertParallel(ep, ep_rank, world_size, ep_group, expert_data_group)
+    device = next(model.parameters()).device
+    mesh = build_expert_parallel_mesh(ep, device.type)
+    ep_rank = dist.get_rank() % ep
+    state = ExpertParallel(ep, ep_rank, world_size, mesh)
+    ep_group, expert_data_group = state.ep_group, state.expert_data_group
     for module_name, module in model.named_modules():
         if not isinstance(module, MoEFeedForward):
             continue
@@ -252,3 +285,67 @@ def _expert_gradient_hook(expert_data_group, world_size: int):
         return gradient.div_(world_size)
 
     return hook
+
+
+# ----------------------------------------------------------------------------------------------- engine
+
+
+def _ddp_engine_base():
+    from polycom_lm.distributed.ddp import DDPEngine
+
+    return DDPEngine
+
+
+class ExpertParallelDDPEngine(_ddp_engine_base()):
+    """The `ddp` engine with `distributed.ep` > 1 (`DDPEngine` hands over to this class): experts sharded
+    over EP groups (`apply_expert_parallel`), everything else replicated under DDP. Gradient norms count
+    each expert once; checkpoints store the experts as DTensor shards, so a run saved with ep=2 resumes
+    with ep=1 (or on one process) and vice versa."""
+
+    def setup(self, model: nn.Module, build_optimizer) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._module = model
+        self.expert_parallel = apply_expert_parallel(model, self.config)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # DDP skips the expert shards (listed in model._ddp_params_and_buffers_to_ignore): their hooks
+        # reduce them over the expert-data-parallel group instead.
+        self.model = DistributedDataParallel(model, device_ids=device_ids)
+        self.optimizer = build_optimizer(model)
+
+    def clip_grad_norm(self, max_norm: Optional[float]) -> torch.Tensor:
+        return self.expert_parallel.clip_grad_norm(self.unwrapped_model(), max_norm)
+
+    def save_checkpoint(self, directory) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.unwrapped_model(), self.optimizer)
+        model_state, optimizer_state = self.expert_parallel.to_checkpoint_state(model_state, optimizer_state)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+    def load_checkpoint(self, directory) -> None:
+        from pathlib import Path
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from polycom_lm.errors import CheckpointError
+
+        if not (Path(directory) / ".metadata").is_file():
+            raise CheckpointError(f"{directory}: not a model/optimizer checkpoint (no DCP .metadata file)")
+        model_state, optimizer_state = get_state_dict(self.unwrapped_model(), self.optimizer)
+        model_state, optimizer_state = self.expert_parallel.to_checkpoint_state(model_state, optimizer_state)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        try:
+            dcp.load(state, checkpoint_id=str(directory))
+        except BaseException as error:  # DCP's CheckpointException is a BaseException
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{directory}: cannot load model/optimizer state ({first_line})") from None
+        state = ExpertParallel.from_checkpoint_state(state)
+        set_state_dict(
+            self.unwrapped_model(), self.optimizer,
+            model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        )

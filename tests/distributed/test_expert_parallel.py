@@ -89,11 +89,35 @@ def test_expert_parallel_matches_single_process(layout_results, index):
         expert_names = set(got["expert_names"])
         assert any(name.endswith("experts.in_proj") for name in expert_names)
         assert case["per_expert_coefficients"] == any("activation" in name for name in expert_names)
+        assert got["engine"] == "ExpertParallelDDPEngine"
         for name, gradient in got["grads"].items():
             full = expected["grads"][name]
             if name in expert_names:  # this rank's slice of the experts
                 full = full[ep_rank * local_experts : (ep_rank + 1) * local_experts]
             torch.testing.assert_close(gradient, full, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+def test_expert_parallel_checkpoint_resumes_on_one_process(layout_results):
+    """Saved with ep=2, loaded by the plain single-process engine: every expert (and its optimizer moments)
+    is the concatenation of the EP ranks' shards; replicated weights are rank 0's."""
+    from polycom_lm.distributed.engine import build_engine
+
+    world_size, ep, ranks = layout_results
+    index = next(i for i, case in enumerate(worker.expert_parallel_cases()) if case["per_expert_coefficients"])
+    config = worker.case_config(worker.expert_parallel_cases()[index], ep=1)
+    engine = build_engine(config, torch.device("cpu"))
+    model = worker.build(config)
+    engine.setup(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
+    engine.load_checkpoint(ranks[0][index]["checkpoint"])
+    expert_names = set(ranks[0][index]["expert_names"])
+    for name, parameter in model.named_parameters():
+        for kind, actual in (("parameters", parameter), ("exp_avg", engine.optimizer.state[parameter]["exp_avg"])):
+            if name in expert_names:
+                expected = torch.cat([ranks[rank][index][kind][name] for rank in range(ep)])
+            else:
+                expected = ranks[0][index][kind][name]
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=f"{kind} {name}")
+    engine.close()
 
 
 def test_test_data_routes_unevenly_across_ranks():

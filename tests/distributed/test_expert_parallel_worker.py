@@ -65,45 +65,45 @@ def step_loss(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
-    from torch.nn.parallel import DistributedDataParallel
-
-    from polycom_lm.distributed.expert_parallel import apply_expert_parallel
+    """Each case through the real `ddp` engine (which hands over to the expert-parallel one), as the
+    training loop drives it; the per-expert case also saves a checkpoint."""
+    from polycom_lm.distributed.engine import build_engine
 
     output_dir, ep = sys.argv[1], int(sys.argv[2])
-    dist.init_process_group("gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results = []
     for case in expert_parallel_cases():
         config = case_config(case, ep=ep)
+        engine = build_engine(config, torch.device("cpu"))
+        rank, world_size = dist.get_rank(), dist.get_world_size()
         model = build(config)
-        state = apply_expert_parallel(model, config)
-        wrapped = DistributedDataParallel(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        engine.setup(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
+        state = engine.expert_parallel
         tokens = batch(world_size)[2 * rank : 2 * rank + 2]
-        record = {"losses": [], "norms": [], "expert_names": state.expert_parameter_names}
+        record = {"losses": [], "norms": [], "expert_names": state.expert_parameter_names,
+                  "engine": type(engine).__name__}
         for step in range(STEPS):
-            optimizer.zero_grad(set_to_none=True)
-            logits, loss = step_loss_ddp(wrapped, model, tokens)
-            loss.backward()
-            record["norms"].append(state.clip_grad_norm(model, MAX_GRAD_NORM).item())
+            engine.zero_grad()
+            with engine.micro_batch_context(is_last_micro_batch=True):
+                logits = engine.model(tokens[:, :-1])
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+                loss = loss + sum(model.last_aux_losses.values())
+                engine.backward(loss)  # the local mean loss is the contract's scaled loss (equal batches)
+            record["norms"].append(engine.clip_grad_norm(MAX_GRAD_NORM).item())
             if step == 0:
                 record["logits"] = logits.detach()
                 record["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
             record["losses"].append(loss.item())
-            optimizer.step()
+            engine.optimizer_step()
+        if case["per_expert_coefficients"]:
+            record["checkpoint"] = os.path.join(output_dir, "checkpoint")
+            engine.save_checkpoint(record["checkpoint"])
+            record["parameters"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            record["exp_avg"] = {n: engine.optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
         results.append(record)
-        del wrapped
-    torch.save(results, os.path.join(output_dir, f"rank{rank}.pt"))
+    torch.save(results, os.path.join(output_dir, f"rank{dist.get_rank()}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
-
-
-def step_loss_ddp(wrapped, model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward through DDP (so its hooks run), aux losses read from the plain model."""
-    logits = wrapped(tokens[:, :-1])
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-    return logits, loss + sum(model.last_aux_losses.values())
+    engine.close()
 
 
 if __name__ == "__main__":
