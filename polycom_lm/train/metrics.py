@@ -72,5 +72,7 @@ def model_metrics(trainer: "Trainer") -> dict[str, Any]:
     metrics.update(memory_metrics(trainer.engine.device))
     moe_metrics = getattr(model, "moe_metrics", None)
     if callable(moe_metrics):
-        metrics.update({f"moe/{key}": float(value) for key, value in moe_metrics().items()})
+        metrics.update(
+            {key if key.startswith("moe/") else f"moe/{key}": float(value) for key, value in moe_metrics().items()}
+        )
     return metrics

@@ -167,3 +167,28 @@ def test_compiled_blocks_match_eager_steps(tmp_path):
         expected, result = eager.train_step(), compiled.train_step()
         assert result.loss == pytest.approx(expected.loss, rel=1e-5)
         assert result.grad_norm == pytest.approx(expected.grad_norm, rel=1e-3)
+
+
+def test_moe_auxiliary_losses_are_logged_beside_the_cross_entropy(tmp_path):
+    from polycom_lm.train import build_trainer
+
+    raw = run_config({"train": "unused", "validation": "unused"}, tmp_path / "run", seq_len=SEQ_LEN,
+                     global_batch_size=BATCH, micro_batch_size=4)
+    raw["model"].update({"family": "moe", "moe": {"num_experts": 4, "top_k": 2, "expert_hidden_size": 32}})
+    config = load(raw)
+    trainer = build_trainer(config, FixedBatches(config.model.vocab_size), device=torch.device("cpu"))
+    model = trainer.engine.unwrapped_model()
+    tokens = trainer.dataset.tokens
+    cross_entropy = F.cross_entropy(_replay_logits(trainer, tokens), tokens[:, 1:].flatten(), ignore_index=-100)
+    result = trainer.train_step()
+    assert set(result.aux_losses) == set(model.last_aux_losses) and all(v > 0 for v in result.aux_losses.values())
+    # The logged loss is the cross-entropy alone (the auxiliary terms are logged beside it).
+    assert result.loss == pytest.approx(cross_entropy.item(), rel=1e-5)
+    row = trainer.training_row([result], 1.0)
+    assert {f"aux/{name}" for name in result.aux_losses} <= set(row)
+    assert any(key.startswith("moe/") and not key.startswith("moe/moe/") for key in row)
+
+
+def _replay_logits(trainer, tokens):
+    with torch.no_grad():
+        return trainer.engine.unwrapped_model()(tokens[:, :-1]).flatten(0, 1)
