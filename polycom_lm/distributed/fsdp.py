@@ -24,7 +24,7 @@ from typing import ContextManager, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -32,7 +32,7 @@ from polycom_lm.config import Config
 from polycom_lm.distributed.checkpointing import load_sharded_checkpoint, save_sharded_checkpoint
 from polycom_lm.distributed.ddp import init_process_group_from_environment
 from polycom_lm.distributed.engine import ENGINES, Engine, OptimizerFactory
-from polycom_lm.distributed.mesh import current_world, validate_parallel_config
+from polycom_lm.distributed.mesh import build_data_tensor_mesh, current_world, validate_parallel_config
 from polycom_lm.distributed.tensor_parallel import parallelize_tensor_parallel
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,8 @@ class FSDPEngine(Engine):
         self._mesh: Optional[DeviceMesh] = None
         self._dp_group: Optional[dist.ProcessGroup] = None
         if self._distributed:
-            replicate = self._replicate_degree()
-            shard = self._world_size // self._tp // replicate
-            self._mesh = init_device_mesh(
-                device.type, (replicate, shard, self._tp), mesh_dim_names=("replicate", "shard", "tp")
-            )
-            self._dp_group = self._mesh["replicate", "shard"]._flatten("dp").get_group()
+            self._mesh = build_data_tensor_mesh(device, self._world_size, self._replicate_degree(), self._tp)
+            self._dp_group = self._mesh["dp"].get_group()
         self._module: Optional[nn.Module] = None
 
     def _replicate_degree(self) -> int:

@@ -1,14 +1,11 @@
-"""Device meshes for data × tensor parallelism, and the checks that run before any work starts.
+"""Device meshes for data × tensor parallelism, and the engine checks that run before any work starts.
 
-The world is laid out as a 2D mesh `("dp", "tp")`: ranks `[d * tp, (d + 1) * tp)` form one tensor-parallel
-group (neighbouring ranks, i.e. one node's fast links) and share data-parallel rank `d`. HSDP splits the
-data-parallel dimension further into `("replicate", "shard")`.
+The world is laid out as `("replicate", "shard", "tp")`: ranks `[d * tp, (d + 1) * tp)` form one
+tensor-parallel group (neighbouring ranks, i.e. one node's fast links) and share data-parallel rank `d`;
+the data-parallel ranks are `replicate × shard` (HSDP; plain FSDP has replicate 1, DDP × TP has shard 1).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,33 +15,6 @@ from polycom_lm.config import Config
 from polycom_lm.errors import ConfigError
 
 SUPPORTED_ZERO_STAGES = (1, 2, 3)
-
-
-@dataclass
-class ParallelMesh:
-    """Where this rank sits. `mesh` is None when running in a single process."""
-
-    world_size: int
-    rank: int
-    dp: int
-    tp: int
-    mesh: Optional[DeviceMesh]
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank // self.tp
-
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tp
-
-    @property
-    def tp_mesh(self) -> Optional[DeviceMesh]:
-        return self.mesh["tp"] if self.mesh is not None and self.tp > 1 else None
-
-    @property
-    def dp_mesh(self) -> Optional[DeviceMesh]:
-        return self.mesh["dp"] if self.mesh is not None else None
 
 
 def current_world() -> tuple[int, int]:
@@ -112,16 +82,13 @@ def validate_parallel_config(config: Config, world_size: int) -> None:
             )
 
 
-def build_parallel_mesh(config: Config, device: torch.device) -> ParallelMesh:
-    """Validate the config against the world and build the `("dp", "tp")` mesh (None for one process)."""
-    world_size, rank = current_world()
-    validate_parallel_config(config, world_size)
-    tp = config.distributed.tp
-    dp = world_size // tp
-    if world_size == 1:
-        return ParallelMesh(world_size=1, rank=0, dp=1, tp=1, mesh=None)
-    mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    return ParallelMesh(world_size=world_size, rank=rank, dp=dp, tp=tp, mesh=mesh)
+def build_data_tensor_mesh(device: torch.device, world_size: int, replicate: int, tp: int) -> DeviceMesh:
+    """The `("replicate", "shard", "tp")` mesh of `world_size` ranks, with the flattened `"dp"` dimension
+    (`replicate × shard`) registered for data-parallel collectives. Neighbouring ranks form a TP group."""
+    shard = world_size // tp // replicate
+    mesh = init_device_mesh(device.type, (replicate, shard, tp), mesh_dim_names=("replicate", "shard", "tp"))
+    mesh["replicate", "shard"]._flatten("dp")
+    return mesh
 
 
 def _divisors(number: int) -> str:
