@@ -82,16 +82,22 @@ class PolyNormFunction(torch.autograd.Function):
         backend = get_backend(ctx.backend_name)
         rows = _rows(x)
         grad = _rows(grad_out)
-        local_dots = backend.polynorm_row_dots(rows, grad, weight.shape[0])
-        dots = local_dots if ctx.row_sum_reducer is None else ctx.row_sum_reducer(local_dots.clone())
-        input_grad = weight_grad = bias_grad = None
-        if ctx.needs_input_grad[0]:
+        if ctx.row_sum_reducer is None:
+            input_grad, weight_grad, bias_grad = backend.polynorm_backward(rows, grad, inverse_norms, weight)
+        else:
+            local_dots = backend.polynorm_row_dots(rows, grad, weight.shape[0])
+            dots = ctx.row_sum_reducer(local_dots.clone())
             input_grad = backend.polynorm_input_grad(rows, grad, inverse_norms, dots, weight, ctx.width)
-            input_grad = input_grad.view(x.shape)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             weight_grad, bias_grad = closed_form.polynorm_coefficient_grads(grad, inverse_norms, local_dots)
-            weight_grad, bias_grad = weight_grad.to(weight.dtype), bias_grad.to(ctx.bias_dtype)
-        return input_grad, weight_grad, bias_grad, None, None, None, None
+        return (
+            input_grad.view(x.shape),
+            weight_grad.to(weight.dtype),
+            bias_grad.to(ctx.bias_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class PolynomialFunction(torch.autograd.Function):
