@@ -18,12 +18,13 @@ data-parallel ranks gives the global gradient. A local expert's gradient already
 of the tokens of all `ep` ranks of its group; a hook on each expert parameter therefore sums it over the
 expert-data-parallel group and divides by W (both before accumulation, so gradient accumulation stays
 exact). DDP must not touch these parameters: `apply_expert_parallel` lists them in
-`_ddp_params_and_buffers_to_ignore` (the attribute `DistributedDataParallel` reads), and an FSDP engine
-passes `expert_parameters` as `ignored_params`. The global gradient norm needs the expert part summed over
-the EP group: `ExpertParallel.grad_norm`.
+`_ddp_params_and_buffers_to_ignore` (the attribute `DistributedDataParallel` reads). The global gradient
+norm needs the expert part summed over the EP group: `ExpertParallel.grad_norm`.
 
-Limits: ep > 1 needs `model.family: moe`, ep dividing both the world size and `moe.num_experts`, and
-tp = 1 (experts are not tensor-sharded); DeepSpeed is not composed with EP.
+Limits: ep > 1 needs `model.family: moe`, ep dividing both the world size and `moe.num_experts`,
+tp = 1 (experts are not tensor-sharded) and backend `ddp` (`ExpertParallelDDPEngine`); composing with
+FSDP (sharding the replicated part, `ignored_params` for the experts) and DeepSpeed is not done yet and
+is refused at config time.
 """
 
 from __future__ import annotations
@@ -71,8 +72,11 @@ def validate_expert_parallel_config(config: Config, world_size: int) -> None:
         )
     if config.distributed.tp > 1:
         raise ConfigError("distributed.ep > 1 with distributed.tp > 1 is not supported; use one of them")
-    if config.distributed.backend == "deepspeed":
-        raise ConfigError("distributed.ep > 1 is not composed with backend 'deepspeed'; use 'ddp' or 'fsdp'")
+    if config.distributed.backend != "ddp":
+        raise ConfigError(
+            f"distributed.ep > 1 is implemented with distributed.backend 'ddp' (experts sharded by EP, the "
+            f"rest replicated), got {config.distributed.backend!r}; set distributed.backend=ddp or ep=1"
+        )
 
 
 class _AllToAll(torch.autograd.Function):
@@ -301,6 +305,11 @@ class ExpertParallelDDPEngine(_ddp_engine_base()):
     over EP groups (`apply_expert_parallel`), everything else replicated under DDP. Gradient norms count
     each expert once; checkpoints store the experts as DTensor shards, so a run saved with ep=2 resumes
     with ep=1 (or on one process) and vice versa."""
+
+    def __init__(self, config: Config, device: torch.device):
+        super().__init__(config, device)
+        # Before the model is built: a bad ep fails here, not after minutes of initialisation.
+        validate_expert_parallel_config(config, dist.get_world_size() if dist.is_initialized() else 1)
 
     def setup(self, model: nn.Module, build_optimizer) -> None:
         from torch.nn.parallel import DistributedDataParallel

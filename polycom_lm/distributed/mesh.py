@@ -30,6 +30,9 @@ def validate_parallel_config(config: Config, world_size: int) -> None:
     Runs before the model is built. Width checks that depend on the built FFN happen in
     `tensor_parallel.parallelize_tensor_parallel`, still before the first step.
     """
+    from polycom_lm.distributed.expert_parallel import validate_expert_parallel_config
+
+    validate_expert_parallel_config(config, world_size)  # ep: divides experts and world, backend ddp
     distributed = config.distributed
     model = config.model
     tp = distributed.tp

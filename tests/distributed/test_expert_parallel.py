@@ -148,4 +148,6 @@ def test_bad_expert_parallel_configs_fail_before_any_work():
         validate_expert_parallel_config(config(ep=2, family="dense"), world_size=2)
     with pytest.raises(ConfigError, match="tp > 1 is not supported"):
         validate_expert_parallel_config(config(ep=2, tp=2), world_size=4)
+    with pytest.raises(ConfigError, match="implemented with distributed.backend 'ddp'.*got 'fsdp'"):
+        validate_expert_parallel_config(config(ep=2, backend="fsdp"), world_size=4)
     validate_expert_parallel_config(config(ep=2), world_size=4)  # a valid one passes
