@@ -118,3 +118,19 @@ def test_shared_tinystories_preprocesses(tmp_path, tiny_tokenizer):
                          options=SourceOptions(document_delimiter="blank_lines"))
     train = read_shard(outputs["train"])
     assert train.num_tokens > 100_000 and train.manifest["max_token_id"] < tiny_tokenizer.vocab_size
+
+
+def test_hugging_face_tokenizer_folder_preprocesses_and_travels_with_the_shard(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from polycom_lm.data import load_tokenizer
+
+    vocab = {"<unk>": 0, "</s>": 1, **{word: index + 2 for index, word in enumerate("the cat sat on a mat".split())}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "hf").mkdir()
+    backend.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "corpus.jsonl").write_text('{"text": "the cat sat"}\n{"text": "on a mat dog"}\n', encoding="utf-8")
+    shard = read_shard(preprocess([str(tmp_path / "corpus.jsonl")], tmp_path / "hf", tmp_path / "out", workers=2)["train"])
+    assert shard.tokens.tolist() == [2, 3, 4, 1, 5, 6, 7, 0, 1]
+    assert load_tokenizer(shard.tokenizer_dir).identity == shard.tokenizer_identity
