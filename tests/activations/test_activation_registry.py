@@ -79,3 +79,16 @@ def test_activations_build_on_meta_device():
     with torch.device("meta"):
         module = build_activation("polynorm")
     assert module.weight.is_meta
+
+
+def test_auto_impl_resolution():
+    from polycom_lm.activations.kernels.select import COMPILED_MIN_ELEMENTS, compile_available, resolve_impl
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_impl("reference", cpu) == "reference"
+    assert resolve_impl("auto", cpu, numel=10) == "fused"  # not worth a compilation
+    assert resolve_impl("auto", cuda) == "fused"
+    if compile_available("cpu"):
+        assert resolve_impl("auto", cpu, numel=COMPILED_MIN_ELEMENTS) == "compiled"
+    with pytest.raises(ValueError):
+        resolve_impl("fastest", cpu)

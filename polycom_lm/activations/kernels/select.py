@@ -5,7 +5,8 @@
 - `compiled`: the closed-form bodies under `torch.compile`, as custom ops.
 - `auto`: the fastest correct one for the device: `fused` (Triton) on CUDA; on CPU `compiled` for
   tensors of at least `COMPILED_MIN_ELEMENTS` elements when `torch.compile` works there, else `fused`
-  (for small tensors the one-off compilation, tens of seconds, costs more than it saves).
+  (for small tensors the one-off compilation, tens of seconds, costs more than it saves). Inside a
+  model that is itself being compiled, `fused` (its closed form is traced and fused by Inductor).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def resolve_impl(impl: str, device: torch.device, numel: int = COMPILED_MIN_ELEM
         raise ValueError(f"unknown activation impl {impl!r}; expected one of {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
+    if torch.compiler.is_compiling():
+        # Inside a model being compiled: trace the closed form so Inductor fuses it with its neighbours
+        # (and no compilation is started from inside the trace).
+        return "fused"
     if device.type == "cuda":
         return "fused"
     if device.type == "cpu" and numel >= COMPILED_MIN_ELEMENTS and compile_available("cpu"):
