@@ -19,7 +19,6 @@ any number of data-parallel ranks, and each rank reads its own contiguous slice 
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import Iterator, Optional
@@ -98,12 +97,15 @@ class PackedDataset:
         self.vocab_size = self.shards[0].vocab_size
         self.eos_id = int(self.shards[0].manifest["eos_id"])
         self.tokenizer_dir = self.shards[0].tokenizer_dir
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._permutations: list[dict[int, np.ndarray]] = [{} for _ in self.shards]
         logger.info("packed dataset: %d shard(s), %s samples per epoch, seq_len %d",
                     len(self.shards), self.samples_per_epoch.tolist(), seq_len)
 
-    @functools.lru_cache(maxsize=4)
     def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard of each position [MIXTURE_BLOCK], rank of the position among its shard's in the block)."""
+        if block in self._blocks:
+            return self._blocks[block]
         owners = np.repeat(np.arange(len(self.shards)), self.block_counts)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x6D6978, block]))
         owners = owners[rng.permutation(MIXTURE_BLOCK)]
@@ -111,12 +113,21 @@ class PackedDataset:
         for shard in range(len(self.shards)):
             where = owners == shard
             ranks[where] = np.arange(int(where.sum()))
+        if len(self._blocks) >= 4:  # a global batch spans at most a few consecutive blocks
+            self._blocks.pop(next(iter(self._blocks)))
+        self._blocks[block] = (owners, ranks)
         return owners, ranks
 
-    @functools.lru_cache(maxsize=16)
     def _permutation(self, shard: int, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, shard, epoch]))
-        return rng.permutation(int(self.samples_per_epoch[shard]))
+        """The order of shard `shard`'s samples in `epoch`. Two epochs per shard stay cached (reads cross
+        an epoch boundary), whatever the number of shards: every block touches every shard."""
+        cached = self._permutations[shard]
+        if epoch not in cached:
+            if len(cached) >= 2:
+                cached.pop(next(iter(cached)))
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, shard, epoch]))
+            cached[epoch] = rng.permutation(int(self.samples_per_epoch[shard]))
+        return cached[epoch]
 
     def locate(self, global_index: int) -> tuple[int, int]:
         """(shard number, index of the sample's first token in that shard) for global sample `global_index`."""

@@ -132,3 +132,19 @@ def test_two_real_ranks_read_the_single_process_global_batch(two_shards, tmp_pat
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), two_shards[0], str(result)), nprocs=2, join=True)
     expected = PackedDataset([(two_shards[0], 1.0)], seq_len=8, seed=5).global_batch(12, 8, 0, 1)["input_ids"]
     torch.testing.assert_close(torch.load(result), expected, rtol=0, atol=0)
+
+
+def test_many_shard_mixture_keeps_every_current_permutation_cached(tmp_path):
+    paths = [make_shard(tmp_path / f"s{i}", [801], base=1000 * i) for i in range(20)]  # 100 samples each
+    dataset = PackedDataset([(path, 1.0) for path in paths], seq_len=8, seed=0)
+    dataset.global_batch(0, 128, 0, 1)
+    calls = []
+    original = np.random.default_rng
+    try:
+        np.random.default_rng = lambda *args: calls.append(args) or original(*args)
+        dataset.global_batch(0, 128, 0, 1)  # every shard's epoch-0 order is still cached
+    finally:
+        np.random.default_rng = original
+    assert calls == []
+    owners = {int(dataset.sample(i)[0][0]) // 1000 for i in range(128)}
+    assert owners == set(range(20))
