@@ -46,6 +46,8 @@ def _grouped_mm_applicable(rows: torch.Tensor, weight: torch.Tensor) -> bool:
     """The kernel also needs 16-byte aligned strides (in and out widths multiples of 4 fp32 / 8 bf16)."""
     if not grouped_mm_supported(rows.device, rows.dtype):
         return False
+    if torch.compiler.is_compiling() and rows.dtype != torch.bfloat16:
+        return False  # torch.compile traces _grouped_mm for bf16 only (its meta function rejects the rest)
     size = rows.element_size()
     return all((width * size) % 16 == 0 for width in (weight.shape[1], weight.shape[2]))
 
