@@ -16,12 +16,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from polycom_lm.activations.kernels.reference import polynorm_reference, polyrelu_reference
+from polycom_lm.activations.kernels.reference import polynomial_reference, polynorm_reference, polyrelu_reference
 from polycom_lm.errors import ConfigError
 
 # Activations whose coefficients can be held per expert: name → formula taking (x, weight, bias) where
-# weight broadcasts as [r, rows, 1] and bias as [rows, 1].
-PER_EXPERT_FORMULAS = {"polynorm": polynorm_reference, "polyrelu": polyrelu_reference}
+# weight broadcasts as [r, rows, 1] and bias as [rows, 1]. These are the plain-autograd formulas, which keep
+# the powers of x for backward: per-expert coefficients trade the shared path's fused kernel (and its
+# memory saving) for one coefficient set per expert.
+PER_EXPERT_FORMULAS = {"polynorm": polynorm_reference, "polyrelu": polyrelu_reference, "poly": polynomial_reference}
 
 EXPERT_MATMULS = ("auto", "grouped_mm", "padded_bmm")
 

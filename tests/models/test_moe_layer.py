@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polycom_lm.activations.kernels.reference import polynorm_reference, polyrelu_reference
+from polycom_lm.activations.kernels.reference import polynomial_reference, polynorm_reference, polyrelu_reference
 from polycom_lm.config import ModelConfig, MoEConfig, config_from_dict
 from polycom_lm.errors import ConfigError
 from polycom_lm.models.moe import MoEFeedForward, grouped_linear, grouped_mm_supported
@@ -51,7 +51,8 @@ def loop_reference(layer: MoEFeedForward, x: torch.Tensor, activation: str) -> t
                 coefficients = experts.activation
                 weight = coefficients.weight[e] if experts.per_expert_coefficients else coefficients.weight
                 bias = coefficients.bias[e : e + 1] if experts.per_expert_coefficients else coefficients.bias
-                formula = polynorm_reference if activation == "polynorm" else polyrelu_reference
+                formula = {"polynorm": polynorm_reference, "polyrelu": polyrelu_reference,
+                           "poly": polynomial_reference}[activation]
                 hidden = formula(hidden[None], weight, bias)[0]
             out[t] += top_weights[t, j] * (experts.out_proj[e] @ hidden)
     return out.reshape(x.shape)
@@ -65,6 +66,7 @@ def loop_reference(layer: MoEFeedForward, x: torch.Tensor, activation: str) -> t
         ("polynorm", False, "grouped_mm"),
         ("polynorm", True, "padded_bmm"),
         ("polyrelu", True, "grouped_mm"),
+        ("poly", True, "padded_bmm"),
     ],
 )
 def test_moe_layer_matches_per_expert_loop(activation, per_expert, matmul):
