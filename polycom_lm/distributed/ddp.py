@@ -7,8 +7,8 @@ an accumulation window.
 
 Checkpoints use `torch.distributed.checkpoint` (DCP) with `get_state_dict` / `set_state_dict` for model and
 optimizer: DCP writes each replicated tensor once and loads it on any world size, so a run saved on two
-ranks resumes on one and vice versa. DCP's format is tensors plus metadata; nothing is unpickled beyond
-DCP's own metadata file.
+ranks resumes on one and vice versa. Loading unpickles nothing but tensors (`weights_only`) and DCP's own
+metadata classes (`SafeFileSystemReader`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from polycom_lm.config import Config
 from polycom_lm.distributed.engine import ENGINES, Engine, OptimizerFactory
+from polycom_lm.distributed.safe_dcp import SafeFileSystemReader, load_metadata
 from polycom_lm.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,14 @@ def init_process_group_from_environment(device: torch.device, timeout_minutes: i
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
     logger.info("initialised %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
     return True
+
+
+def _root_cause(error: BaseException) -> str:
+    """One line naming what went wrong, looking inside DCP's per-rank CheckpointException."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 @ENGINES.register("ddp")
@@ -144,15 +153,15 @@ class DDPEngine(Engine):
     def load_checkpoint(self, directory: Path) -> None:
         if not (Path(directory) / ".metadata").is_file():
             raise CheckpointError(f"{directory}: not a model/optimizer checkpoint (no DCP .metadata file)")
+        load_metadata(Path(directory) / ".metadata")  # a crafted or corrupt metadata file: one-line error
         model_state, optimizer_state = get_state_dict(self.unwrapped_model(), self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, checkpoint_id=str(directory), no_dist=not self._distributed)
+                dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=not self._distributed)
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointError(f"{directory}: cannot load model/optimizer state ({first_line})") from None
+            raise CheckpointError(f"{directory}: cannot load model/optimizer state ({_root_cause(error)})") from None
         set_state_dict(
             self.unwrapped_model(),
             self.optimizer,

@@ -90,3 +90,22 @@ def test_resume_without_a_run_and_resume_with_overwrite_are_refused(capsys, prep
     assert code == 2 and "holds no run to resume" in error
     with pytest.raises(SystemExit):  # argparse: mutually exclusive options
         main(["train", str(config_path), "--resume", "--overwrite"])
+
+
+def test_checkpoint_metadata_is_never_unpickled_beyond_checkpoint_classes(capsys, prepared_data, tmp_path):
+    import os
+    import pickle
+
+    raw = run_config(prepared_data, tmp_path / "run", max_steps=1, eval_every_steps=0)
+    config_path = write_config(tmp_path / "config.yaml", raw)
+    run_training(load(raw))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "run" / "checkpoints" / "step_1" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    code, error = _train(capsys, config_path, "--resume", "training.max_steps=2")
+    assert code == 2 and "not a valid checkpoint metadata file (refusing to load posix.system)" in error
+    assert not marker.exists()
