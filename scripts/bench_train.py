@@ -159,9 +159,10 @@ def llama_group(args, device) -> list[Variant]:
         variants.append(plain_variant(f"hf-llama {precision} eager (plain loop)", hf_llama(args, device), precision, False, flops, True))
         torch.manual_seed(0)
         variants.append(plain_variant(f"ours {precision} eager (plain loop)", build_model(ours_config, device), precision, False, flops, False))
-        if args.compile:
+        if args.compile and args.plain_compile:
             variants.append(plain_variant(f"hf-llama {precision} torch.compile (plain loop)", hf_llama(args, device), precision, True, flops, True))
             variants.append(plain_variant(f"ours {precision} torch.compile (plain loop)", build_model(ours_config, device), precision, True, flops, False))
+        if args.compile:
             variants.append(trainer_variant(f"ours {precision} trainer step", build_model(ours_config, device), precision, flops))
     return variants
 
@@ -195,6 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--activations", default="relu,gelu,swiglu,polyrelu,polynorm")
     parser.add_argument("--groups", default="llama,activations")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip every compiled variant")
+    parser.add_argument("--no-plain-compile", dest="plain_compile", action="store_false",
+                        help="skip torch.compile of the whole model in the plain loop (keeps the trainer step)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation happens here)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
