@@ -103,6 +103,9 @@ def _init_single_process_group(device: torch.device) -> bool:
         port = probe.getsockname()[1]
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # DeepSpeed reads its coordinates from the environment, as a launcher would have set them.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
     return True
 
 
