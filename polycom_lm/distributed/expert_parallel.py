@@ -41,6 +41,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from polycom_lm.config import Config
+from polycom_lm.distributed.ddp import DDPEngine  # ddp.py imports this module lazily: no cycle
 from polycom_lm.errors import ConfigError
 from polycom_lm.models.moe_experts import GroupedExperts
 from polycom_lm.models.moe_layer import MoEFeedForward, combine_sorted, sort_by_expert
@@ -275,8 +276,8 @@ def apply_expert_parallel(model: nn.Module, config: Config) -> Optional[ExpertPa
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = ignored + state.expert_parameter_names
     logger.info(
-        "expert parallel: ep=%d, rank %d of its group holds %d expert parameters per layer kind",
-        ep, ep_rank, len(state.expert_parameter_names),
+        "expert parallel: ep=%d, this rank holds experts %d/%d of each layer (%d sharded parameter tensors)",
+        ep, ep_rank, ep, len(state.expert_parameter_names),
     )
     return state
 
@@ -294,13 +295,7 @@ def _expert_gradient_hook(expert_data_group, world_size: int):
 # ----------------------------------------------------------------------------------------------- engine
 
 
-def _ddp_engine_base():
-    from polycom_lm.distributed.ddp import DDPEngine
-
-    return DDPEngine
-
-
-class ExpertParallelDDPEngine(_ddp_engine_base()):
+class ExpertParallelDDPEngine(DDPEngine):
     """The `ddp` engine with `distributed.ep` > 1 (`DDPEngine` hands over to this class): experts sharded
     over EP groups (`apply_expert_parallel`), everything else replicated under DDP. Gradient norms count
     each expert once; checkpoints store the experts as DTensor shards, so a run saved with ep=2 resumes
@@ -347,7 +342,9 @@ class ExpertParallelDDPEngine(_ddp_engine_base()):
         model_state, optimizer_state = self.expert_parallel.to_checkpoint_state(model_state, optimizer_state)
         state = {"model": model_state, "optimizer": optimizer_state}
         try:
-            dcp.load(state, checkpoint_id=str(directory))
+            from polycom_lm.distributed.safe_dcp import SafeFileSystemReader  # no arbitrary unpickling
+
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)))
         except BaseException as error:  # DCP's CheckpointException is a BaseException
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
