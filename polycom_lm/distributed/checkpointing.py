@@ -83,7 +83,9 @@ def load_sharded_checkpoint(
     state = {"model": model_state, "optimizer": optimizer_state}
     _convert_interleaved(model, state, to_canonical=True)
     try:
-        dcp.load(state, checkpoint_id=str(directory), no_dist=not distributed)
+        from polycom_lm.distributed.safe_dcp import SafeFileSystemReader  # no arbitrary unpickling
+
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=not distributed)
     except Exception as error:  # DCP wraps per-rank failures in one CheckpointException
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{directory}: cannot load model/optimizer state ({first_line})") from None

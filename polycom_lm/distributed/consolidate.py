@@ -50,7 +50,9 @@ def _read_dcp_model(step_directory: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(step_directory))
+    from polycom_lm.distributed.safe_dcp import SafeFileSystemReader  # no arbitrary unpickling
+
+    reader = SafeFileSystemReader(str(step_directory))
     try:
         metadata = reader.read_metadata()
     except Exception as error:
