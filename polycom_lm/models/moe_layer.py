@@ -200,7 +200,7 @@ def moe_metrics_from_layers(layers: list[MoEFeedForward]) -> dict[str, float]:
             continue
         counts = statistics["tokens_per_expert"].float()
         mean = counts.mean()
-        coefficient_of_variation = counts.std(unbiased=False) / mean if mean > 0 else torch.zeros(())
+        coefficient_of_variation = counts.std(correction=0) / mean if mean > 0 else torch.zeros(())
         values = torch.stack([counts.min(), counts.max(), coefficient_of_variation, statistics["router_entropy"]])
         low, high, cv, entropy = values.tolist()  # one device-to-host copy per layer
         metrics[f"moe/layer_{index}/tokens_per_expert_min"] = low

@@ -63,7 +63,7 @@ def test_moe_model_reports_weighted_aux_losses_and_metrics_per_layer():
         assert counts.sum() == 2 * 16 * 2  # dropless: every token's two assignments are counted
         assert metrics[f"moe/layer_{index}/tokens_per_expert_min"] == counts.min().item()
         assert metrics[f"moe/layer_{index}/tokens_per_expert_max"] == counts.max().item()
-        cv = (counts.std(unbiased=False) / counts.mean()).item()
+        cv = (counts.std(correction=0) / counts.mean()).item()
         assert metrics[f"moe/layer_{index}/tokens_per_expert_cv"] == pytest.approx(cv)
         assert 0.0 < metrics[f"moe/layer_{index}/router_entropy"] <= torch.log(torch.tensor(8.0)).item() + 1e-6
     # The aux losses reach the router: their gradient alone moves it.
