@@ -145,7 +145,7 @@ def scenario_engines(output: Path, shared: Path) -> dict:
 def scenario_fsdp_tp(output: Path, shared: Path) -> dict:
     """4 ranks: FSDP 2 × TP 2."""
     results = {}
-    for activation in ("polynorm", "swiglu"):
+    for activation in ("polynorm", "polyrelu", "swiglu"):
         case = tensor_parallel_case(activation, tp=2)
         case.update(run_losses(tiny_config(activation, backend="fsdp", tp=2), steps=3, micro_batches=1))
         results[f"fsdp2_tp2_{activation}"] = case

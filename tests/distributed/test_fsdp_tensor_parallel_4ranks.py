@@ -1,7 +1,7 @@
 """On 4 gloo processes: FSDP 2 × TP 2 and DDP 2 × TP 2 (2D meshes) reproduce the single-process forward
-output, gradients and losses, with PolyNorm (row norms over the full FFN width) and SwiGLU ([gate | up]
-sharding); and HSDP (replicate 2 × shard 2) reproduces the single-process losses. One launch for all
-cases."""
+output, gradients and losses, with PolyNorm (row norms over the full FFN width), PolyReLU and SwiGLU
+([gate | up] sharding); and HSDP (replicate 2 × shard 2) reproduces the single-process losses. One
+launch for all cases."""
 
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ def results(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize(
     "case, activation",
-    [("fsdp2_tp2_polynorm", "polynorm"), ("fsdp2_tp2_swiglu", "swiglu"), ("ddp2_tp2_polynorm", "polynorm")],
+    [
+        ("fsdp2_tp2_polynorm", "polynorm"),
+        ("fsdp2_tp2_polyrelu", "polyrelu"),
+        ("fsdp2_tp2_swiglu", "swiglu"),
+        ("ddp2_tp2_polynorm", "polynorm"),
+    ],
 )
 def test_two_dimensional_data_and_tensor_parallel_matches_single_process(results, case, activation):
     measured = results[case]
