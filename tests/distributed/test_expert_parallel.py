@@ -32,20 +32,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def single_process_checkpoint(directory: Path) -> dict:
+    """One AdamW step of the per-expert case in one process (ep=1), saved by the plain ddp engine."""
+    from polycom_lm.distributed.engine import build_engine
+
+    case = next(case for case in worker.expert_parallel_cases() if case["per_expert_coefficients"])
+    config = worker.case_config(case, ep=1)
+    engine = build_engine(config, torch.device("cpu"))
+    model = worker.build(config)
+    engine.setup(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
+    _, loss = worker.step_loss(model, worker.batch(1))
+    engine.backward(loss)
+    engine.optimizer_step()
+    engine.save_checkpoint(directory)
+    saved = {
+        "parameters": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "exp_avg": {n: engine.optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()},
+    }
+    engine.close()
+    return saved
+
+
 def launch(tmp_path_factory, world_size: int, ep: int) -> list[list[dict]]:
     output = tmp_path_factory.mktemp(f"expert_parallel_w{world_size}_ep{ep}")
+    saved = single_process_checkpoint(output / "single_process_checkpoint")
     port = free_port()
     processes = []
     for rank in range(world_size):
         environment = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        command = [sys.executable, str(HERE / "test_expert_parallel_worker.py"), str(output), str(ep)]
+        command = [sys.executable, str(HERE / "test_expert_parallel_worker.py"), str(output), str(ep),
+                   str(output / "single_process_checkpoint")]
         processes.append(subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
     logs = [process.communicate(timeout=300)[0] for process in processes]
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-3000:]
-    return [torch.load(output / f"rank{rank}.pt") for rank in range(world_size)]
+    ranks = [torch.load(output / f"rank{rank}.pt") for rank in range(world_size)]
+    for rank_results in ranks:
+        rank_results[-1]["single_process"] = saved
+    return ranks
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=lambda layout: f"world{layout[0]}_ep{layout[1]}")
@@ -118,6 +144,23 @@ def test_expert_parallel_checkpoint_resumes_on_one_process(layout_results):
                 expected = ranks[0][index][kind][name]
             torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=f"{kind} {name}")
     engine.close()
+
+
+def test_single_process_checkpoint_resumes_with_expert_parallel(layout_results):
+    """Saved by one process (ep=1), loaded with ep=2: each rank holds its slice of every expert and of its
+    Adam moments, and the replicated weights in full."""
+    world_size, ep, ranks = layout_results
+    local_experts = 4 // ep
+    for rank in range(world_size):
+        resumed = ranks[rank][-1]
+        saved = resumed["single_process"]
+        ep_rank = rank % ep
+        for kind in ("parameters", "exp_avg"):
+            for name, actual in resumed[f"resumed_{kind}"].items():
+                expected = saved[kind][name]
+                if name in resumed["expert_names"]:
+                    expected = expected[ep_rank * local_experts : (ep_rank + 1) * local_experts]
+                torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=f"rank {rank} {kind} {name}")
 
 
 def test_test_data_routes_unevenly_across_ranks():

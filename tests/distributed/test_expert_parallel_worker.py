@@ -1,6 +1,7 @@
 """Worker of test_expert_parallel.py (not a test): one rank of an expert-parallel run on gloo.
 
-Usage: python test_expert_parallel_worker.py OUTPUT_DIR EP (with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+Usage: python test_expert_parallel_worker.py OUTPUT_DIR EP SINGLE_PROCESS_CHECKPOINT (with RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT).
 Runs the cases of `expert_parallel_cases()` and saves each rank's results to OUTPUT_DIR/rank{r}.pt.
 """
 
@@ -69,7 +70,7 @@ def main() -> None:
     training loop drives it; the per-expert case also saves a checkpoint."""
     from polycom_lm.distributed.engine import build_engine
 
-    output_dir, ep = sys.argv[1], int(sys.argv[2])
+    output_dir, ep, single_process_checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
     results = []
     for case in expert_parallel_cases():
@@ -101,9 +102,32 @@ def main() -> None:
             record["parameters"] = {n: p.detach().clone() for n, p in model.named_parameters()}
             record["exp_avg"] = {n: engine.optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
         results.append(record)
+    results.append(resume_single_process_checkpoint(ep, single_process_checkpoint))
     torch.save(results, os.path.join(output_dir, f"rank{dist.get_rank()}.pt"))
     dist.barrier()
-    engine.close()
+    dist.destroy_process_group()
+
+
+def resume_single_process_checkpoint(ep: int, directory: str) -> dict:
+    """Load a checkpoint written by one process (ep=1) into an expert-parallel engine whose model starts
+    from other weights; return this rank's parameters and Adam moments after the load."""
+    from polycom_lm.distributed.engine import build_engine
+
+    case = next(case for case in expert_parallel_cases() if case["per_expert_coefficients"])
+    config = case_config(case, ep=ep)
+    engine = build_engine(config, torch.device("cpu"))
+    torch.manual_seed(5)
+    model = build(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # nothing of the original weights survives unless the load restores it
+    engine.setup(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
+    engine.load_checkpoint(directory)
+    return {
+        "resumed_parameters": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "resumed_exp_avg": {n: engine.optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()},
+        "expert_names": engine.expert_parallel.expert_parameter_names,
+    }
 
 
 if __name__ == "__main__":
