@@ -94,3 +94,18 @@ def test_small_moe_trains_loss_goes_down():
     assert losses[-1] < losses[0] - 0.5
     coefficients = model.layers[0].ffn.experts.activation.weight
     assert not torch.allclose(coefficients[0], coefficients[1])  # per-expert coefficients learn separately
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "polynorm"])
+def test_moe_model_under_bf16_autocast_routes_in_fp32_and_trains(activation):
+    torch.manual_seed(0)
+    model = build_model(small_moe(activation))
+    input_ids = torch.randint(0, 128, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids)
+    assert logits.dtype == torch.bfloat16
+    layer = model.layers[0].ffn
+    assert layer.aux_losses["router_z"].dtype == torch.float32  # the router ran in fp32 under autocast
+    (logits.float().logsumexp(-1).mean() + sum(model.last_aux_losses.values())).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
