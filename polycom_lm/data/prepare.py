@@ -86,7 +86,10 @@ class _Preparer:
     def tokenizer(self) -> Tokenizer:
         settings = self.config.tokenizer
         if settings.path:
-            return load_tokenizer(Path(settings.path).expanduser())
+            try:
+                return load_tokenizer(Path(settings.path).expanduser())
+            except DataError as error:
+                raise DataError(f"data.tokenizer.path: {error}") from None
         raw = [entry.source for entry in self.config.train if _prepared_folder(entry.source) is None]
         if not raw:
             if not self.config.train:
