@@ -16,46 +16,17 @@ from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
 from polycom_lm.models.attention import attention_shape
 from polycom_lm.models.dense import Transformer
-
-
-def _rope_theta(hf_config: Any) -> float:
-    parameters = getattr(hf_config, "rope_parameters", None)  # transformers ≥ 5
-    if isinstance(parameters, dict):
-        rope_type = parameters.get("rope_type", "default")
-        if rope_type != "default":
-            raise ConfigError(f"Llama config uses rope_type {rope_type!r}; only 'default' RoPE converts")
-        return float(parameters["rope_theta"])
-    scaling = getattr(hf_config, "rope_scaling", None)  # transformers 4.x
-    if scaling:
-        raise ConfigError(f"Llama config uses rope_scaling {scaling!r}; only unscaled RoPE converts")
-    return float(hf_config.rope_theta)
+from polycom_lm.models.hf_common import decoder_config_fields, load_exactly
+from polycom_lm.models.hf_olmoe import from_hf_olmoe  # noqa: F401  (re-exported; OLMoE conversion lives there)
 
 
 def model_config_from_hf_llama(hf_config: Any) -> ModelConfig:
     """Our `ModelConfig` (activation swiglu) for a transformers `LlamaConfig`."""
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise ConfigError(f"Llama config hidden_act {hf_config.hidden_act!r}: only 'silu' (SwiGLU) converts")
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, flag, False):
             raise ConfigError(f"Llama config has {flag}=True; our model has no biases")
-    n_heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
-    return ModelConfig(
-        family="dense",
-        vocab_size=hf_config.vocab_size,
-        d_model=hf_config.hidden_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or n_heads,
-        head_dim=head_dim,
-        ffn_hidden_size=hf_config.intermediate_size,
-        activation="swiglu",
-        max_seq_len=hf_config.max_position_embeddings,
-        rope_theta=_rope_theta(hf_config),
-        norm_eps=hf_config.rms_norm_eps,
-        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        init_std=getattr(hf_config, "initializer_range", 0.02),
-    )
+    return ModelConfig(family="dense", ffn_hidden_size=hf_config.intermediate_size,
+                       **decoder_config_fields(hf_config, "Llama"))
 
 
 def hf_llama_config(model_config: ModelConfig) -> Any:
@@ -132,27 +103,6 @@ def our_state_dict_to_hf_llama(state: dict[str, torch.Tensor], n_layers: int, ti
     return hf_state
 
 
-def _load_exactly(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Copy `state` into `module`, failing on any missing or unexpected key (ties count as present)."""
-    expected = set(module.state_dict())
-    missing = sorted(expected - set(state))
-    tied_head = {"lm_head.weight", "output.weight"}
-    missing = [key for key in missing if key not in tied_head or not _is_tied(module)]
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ConfigError(f"{what}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
-    with torch.no_grad():
-        own = module.state_dict(keep_vars=True)
-        for key, tensor in state.items():
-            own[key].copy_(tensor)
-
-
-def _is_tied(module: nn.Module) -> bool:
-    input_embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else module.tok_embeddings
-    output = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else module.output
-    return output.weight is input_embeddings.weight
-
-
 def from_hf_llama(hf_model: nn.Module) -> Transformer:
     """Our `Transformer` with the weights of a transformers `LlamaForCausalLM` (same device and dtype)."""
     model_config = model_config_from_hf_llama(hf_model.config)
@@ -162,10 +112,11 @@ def from_hf_llama(hf_model: nn.Module) -> Transformer:
     model.to_empty(device=reference.device)
     model.init_weights()
     hf_state = hf_model.state_dict()
-    _load_exactly(
+    load_exactly(
         model,
         hf_llama_state_dict_to_ours(hf_state, model_config.n_layers, model_config.tie_embeddings),
         "converting LlamaForCausalLM",
+        tied=model_config.tie_embeddings,
     )
     return model.to(reference.dtype)
 
@@ -181,17 +132,16 @@ def to_hf_llama(model: Transformer) -> nn.Module:
     state = our_state_dict_to_hf_llama(model.state_dict(), config.n_layers, config.tie_embeddings)
     if config.tie_embeddings:
         state.pop("lm_head.weight")
-    _load_exactly(hf_model, state, "converting to LlamaForCausalLM")
+    load_exactly(hf_model, state, "converting to LlamaForCausalLM", tied=config.tie_embeddings)
     return hf_model.eval()
 
 
 __all__ = [
     "from_hf_llama",
+    "from_hf_olmoe",
     "to_hf_llama",
     "hf_llama_config",
     "model_config_from_hf_llama",
     "hf_llama_state_dict_to_ours",
     "our_state_dict_to_hf_llama",
 ]
-
-from polycom_lm.models.hf_olmoe import from_hf_olmoe  # noqa: E402,F401  (OLMoE conversion lives in hf_olmoe.py)

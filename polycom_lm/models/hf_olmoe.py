@@ -20,47 +20,24 @@ from torch import nn
 
 from polycom_lm.config import ModelConfig, MoEConfig
 from polycom_lm.errors import ConfigError
-
-
-def _rope_theta(hf_config: Any) -> float:
-    parameters = getattr(hf_config, "rope_parameters", None)  # transformers ≥ 5
-    if isinstance(parameters, dict):
-        if parameters.get("rope_type", "default") != "default":
-            raise ConfigError(f"OLMoE config uses rope_type {parameters['rope_type']!r}; only 'default' converts")
-        return float(parameters["rope_theta"])
-    if getattr(hf_config, "rope_scaling", None):
-        raise ConfigError(f"OLMoE config uses rope_scaling {hf_config.rope_scaling!r}; only unscaled RoPE converts")
-    return float(hf_config.rope_theta)
+from polycom_lm.models.hf_common import decoder_config_fields, load_exactly
 
 
 def model_config_from_hf_olmoe(hf_config: Any) -> ModelConfig:
     """Our `ModelConfig` (family moe, swiglu experts, full-width QK-norm) for a transformers `OlmoeConfig`."""
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise ConfigError(f"OLMoE config hidden_act {hf_config.hidden_act!r}: only 'silu' (SwiGLU) converts")
     if getattr(hf_config, "clip_qkv", None) is not None:
         raise ConfigError(f"OLMoE config sets clip_qkv={hf_config.clip_qkv}; our attention does not clamp q/k/v")
     if getattr(hf_config, "attention_bias", False):
         raise ConfigError("OLMoE config has attention_bias=True; our model has no biases")
-    n_heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+    fields = decoder_config_fields(hf_config, "OLMoE")
+    n_heads, head_dim = fields["n_heads"], fields["head_dim"]
     if head_dim * n_heads != hf_config.hidden_size:
         raise ConfigError("OLMoE config: num_attention_heads · head_dim must equal hidden_size (its q_norm width)")
     return ModelConfig(
         family="moe",
-        vocab_size=hf_config.vocab_size,
-        d_model=hf_config.hidden_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or n_heads,
-        head_dim=head_dim,
-        activation="swiglu",
-        max_seq_len=hf_config.max_position_embeddings,
-        rope_theta=_rope_theta(hf_config),
-        norm_eps=hf_config.rms_norm_eps,
+        **fields,
         qk_norm=True,
         qk_norm_scope="full",
-        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        init_std=getattr(hf_config, "initializer_range", 0.02),
         moe=MoEConfig(
             num_experts=hf_config.num_experts,
             top_k=hf_config.num_experts_per_tok,
@@ -159,22 +136,6 @@ def our_state_dict_to_hf_olmoe(
     return hf_state
 
 
-def _load_exactly(module: nn.Module, state: dict[str, torch.Tensor], what: str, tied: bool) -> None:
-    """Copy `state` into `module`, failing on any missing or unexpected key (a tied head counts as present)."""
-    expected = set(module.state_dict())
-    tied_heads = {"lm_head.weight", "output.weight"} if tied else set()
-    missing = sorted(expected - set(state) - tied_heads)
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ConfigError(f"{what}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
-    with torch.no_grad():
-        own = module.state_dict(keep_vars=True)
-        for key, tensor in state.items():
-            if own[key].shape != tensor.shape:
-                raise ConfigError(f"{what}: {key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}")
-            own[key].copy_(tensor)
-
-
 def from_hf_olmoe(hf_model: nn.Module) -> nn.Module:
     """Our `MoETransformer` with the weights of a transformers `OlmoeForCausalLM` (same device and dtype)."""
     from polycom_lm.models import build_model
@@ -183,7 +144,7 @@ def from_hf_olmoe(hf_model: nn.Module) -> nn.Module:
     reference = next(hf_model.parameters())
     model = build_model(model_config, device=reference.device)
     state = hf_olmoe_state_dict_to_ours(hf_model.state_dict(), model_config.n_layers, model_config.tie_embeddings)
-    _load_exactly(model, state, "converting OlmoeForCausalLM", tied=model_config.tie_embeddings)
+    load_exactly(model, state, "converting OlmoeForCausalLM", tied=model_config.tie_embeddings)
     return model.to(reference.dtype)
 
 
@@ -195,7 +156,7 @@ def to_hf_olmoe(model: nn.Module) -> nn.Module:
     reference = next(model.parameters())
     hf_model = OlmoeForCausalLM(hf_olmoe_config(config)).to(device=reference.device, dtype=reference.dtype)
     state = our_state_dict_to_hf_olmoe(model.state_dict(), config.n_layers, config.tie_embeddings)
-    _load_exactly(hf_model, state, "converting to OlmoeForCausalLM", tied=config.tie_embeddings)
+    load_exactly(hf_model, state, "converting to OlmoeForCausalLM", tied=config.tie_embeddings)
     return hf_model.eval()
 
 
