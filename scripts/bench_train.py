@@ -11,8 +11,8 @@ Groups (each group's variants run interleaved, one step each per round, so that 
 processes hits them alike; a variant's figure is its best step after the warm-up steps):
 - `llama`: transformers' Llama and ours, fp32 and bf16 autocast, in a plain PyTorch loop (AdamW with
   default settings), eager and with `torch.compile` of the whole model; and ours with the trainer's
-  default step: compiled transformer blocks (`training.compile`), fused AdamW with the trainer's
-  parameter groups, gradient clipping.
+  step as `polycom-lm train` runs it (`build_trainer(...).train_step()` with `training.compile`: compiled
+  transformer blocks and loss, fused AdamW with the trainer's parameter groups, gradient clipping).
 - `activations`: ours with each activation at matched parameters (the paper's 3/2 width rule), with the
   trainer's step, fp32.
 Default size: hidden 512, 8 layers, 8 heads, SwiGLU width 1376, vocab 8192, untied, batch 8 × 256.
@@ -37,13 +37,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from polycom_lm.config import ModelConfig, OptimizerConfig  # noqa: E402
+from polycom_lm.config import (  # noqa: E402
+    Config, DataConfig, DataSourceConfig, ModelConfig, OptimizerConfig, ScheduleConfig, TrainingConfig,
+)
 from polycom_lm.models import build_model  # noqa: E402
 from polycom_lm.models.flops import count_parameters, training_flops_per_token  # noqa: E402
 from polycom_lm.models.hf_interop import hf_llama_config  # noqa: E402
 from polycom_lm.train.flops import measure_matmul_flops  # noqa: E402
-from polycom_lm.train.optim import build_optimizer  # noqa: E402
-from polycom_lm.train.transforms import compile_blocks  # noqa: E402
+from polycom_lm.train.run import build_trainer  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ class Variant:
     clip: Optional[float]  # gradient clipping as the trainer does it, or None
     flops_per_token: float
     step_seconds: list[float] = dataclasses.field(default_factory=list)
+    trainer: Optional[object] = None  # a polycom_lm Trainer: its own train_step replaces the plain one
 
 
 def model_config(args, activation: str = "swiglu", impl: str = "auto") -> ModelConfig:
@@ -88,6 +90,9 @@ def autocast(precision: str, device: torch.device):
 
 
 def train_step(variant: Variant, input_ids: torch.Tensor, targets: torch.Tensor, device: torch.device) -> None:
+    if variant.trainer is not None:
+        variant.trainer.train_step()
+        return
     with autocast(variant.precision, device):
         logits = variant.forward(input_ids)
     loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
@@ -106,12 +111,34 @@ def plain_variant(label, model, precision, compiled, flops_per_token, hf: bool) 
     return Variant(label, model, optimizer, precision, forward, None, flops_per_token)
 
 
-def trainer_variant(label, model, precision, flops_per_token) -> Variant:
-    """The trainer's default step: compiled blocks, fused AdamW over its parameter groups, clipping."""
-    compile_blocks(model)
-    optimizer_config = OptimizerConfig(lr=1e-4)
-    optimizer = build_optimizer(model, optimizer_config)
-    return Variant(label, model, optimizer, precision, model, optimizer_config.grad_clip_norm, flops_per_token)
+class FixedBatch:
+    """A dataset whose every global batch is the same [batch, seq_len + 1] tokens."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+
+    def global_batch(self, consumed_samples: int, global_batch_size: int, rank: int, world_size: int) -> dict:
+        return {"input_ids": self.tokens[:global_batch_size]}
+
+
+def trainer_variant(label, model_config_, precision, flops_per_token, args) -> Variant:
+    """What `polycom-lm train` runs: `build_trainer(config, dataset).train_step()` with `training.compile`
+    (compiled blocks and loss), fused AdamW over the trainer's parameter groups, clipping, the loop's
+    loss normalisation and its one host sync per step."""
+    config = Config(
+        model=model_config_,
+        data=DataConfig(train=[DataSourceConfig(source="unused")]),
+        optimizer=OptimizerConfig(lr=1e-4),
+        schedule=ScheduleConfig(name="constant", warmup_steps=0),
+        training=TrainingConfig(seq_len=args.seq_len, global_batch_size=args.batch, micro_batch_size=args.batch,
+                                precision=precision, compile=True, max_steps=10**6, device=args.device),
+    )
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=generator)
+    trainer = build_trainer(config, FixedBatch(tokens), device=torch.device(args.device))
+    engine = trainer.engine
+    return Variant(label, engine.unwrapped_model(), engine.optimizer, precision, engine.model, None, flops_per_token,
+                   trainer=trainer)
 
 
 def run_group(variants: list[Variant], args, device) -> None:
@@ -163,7 +190,7 @@ def llama_group(args, device) -> list[Variant]:
             variants.append(plain_variant(f"hf-llama {precision} torch.compile (plain loop)", hf_llama(args, device), precision, True, flops, True))
             variants.append(plain_variant(f"ours {precision} torch.compile (plain loop)", build_model(ours_config, device), precision, True, flops, False))
         if args.compile:
-            variants.append(trainer_variant(f"ours {precision} trainer step", build_model(ours_config, device), precision, flops))
+            variants.append(trainer_variant(f"ours {precision} trainer step", ours_config, precision, flops, args))
     return variants
 
 
@@ -173,12 +200,12 @@ def activations_group(args, device) -> list[Variant]:
         config = model_config(args, activation)
         flops = training_flops_per_token(config, args.seq_len)
         torch.manual_seed(0)
-        model = build_model(config, device)
         label = f"ours {activation} fp32 " + ("trainer step" if args.compile else "eager (plain loop)")
         if args.compile:
-            variants.append(trainer_variant(label, model, "fp32", flops))
+            variants.append(trainer_variant(label, config, "fp32", flops, args))
         else:
-            variants.append(plain_variant(label, model, "fp32", False, flops, False))
+            variants.append(plain_variant(label, build_model(config, device), "fp32", False, flops, False))
+        model = variants[-1].model
         print(f"  {activation}: {count_parameters(model)['total']:,} parameters")
     return variants
 
