@@ -180,7 +180,8 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast
     param_dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 without fp32 master weights when set to bf16
     activation_checkpointing: Literal["none", "activation", "block"] = "none"
-    compile: bool = False  # torch.compile each transformer block (the quickstart configs turn it on)
+    compile: bool = False  # torch.compile each transformer block and the loss (every experiment config turns it on;
+    # off by default so that tests and one-off runs pay no compile time)
     on_nonfinite: Literal["skip", "stop"] = "skip"  # NaN/inf loss or gradient norm: drop the update, or stop
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # torch.profiler trace (Chrome JSON under <output_dir>/profile/) of steps [start, start + num_steps).
