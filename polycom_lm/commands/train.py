@@ -53,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from polycom_lm.train import run_training
-    from polycom_lm.train.callbacks import ProgressCallback
+    from polycom_lm.train.callbacks import ConsoleLogCallback, ProgressCallback
 
     overrides = list(args.overrides)
     if args.resume not in (None, "latest") and "=" in args.resume and not os.path.exists(args.resume):
@@ -66,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         # Other ranks log warnings and errors only; rank 0 speaks for the run.
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     show_progress = rank == 0 and config.logging.progress_bar and not args.no_progress and sys.stderr.isatty()
-    extra = (ProgressCallback(),) if show_progress else ()
+    if rank != 0:
+        extra = ()
+    else:
+        extra = (ProgressCallback(),) if show_progress else (ConsoleLogCallback(),)
     result = run_training(config, resume=args.resume, overwrite=args.overwrite, extra_callbacks=extra)
     if rank == 0:
         last = result.last_train_row or {}
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             print(f": loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, MFU {last['mfu']:.1%}", end="")
         print()
         for row in result.final_evaluation:
-            print(f"validation {row['name']}: loss {row['loss']:.4f}, perplexity {row['perplexity']:.2f}")
+            print(f"validation set {row['name']!r}: loss {row['loss']:.4f}, perplexity {row['perplexity']:.2f}")
         print(f"metrics:     {result.metrics_path}")
         print(f"checkpoints: {result.checkpoints_dir} (latest: {result.checkpoints_dir / 'latest'})")
         print(f"config:      {result.output_dir / 'config.yaml'}")

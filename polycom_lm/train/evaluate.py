@@ -73,7 +73,7 @@ def evaluate(trainer: "Trainer", validation_sets: dict[str, Path]) -> list[dict[
         for name, shard in validation_sets.items():
             loss, count = evaluate_set(trainer, Path(shard))
             perplexity = math.exp(loss) if loss < 700 else float("inf")
-            logger.info("step %d: validation %s loss %.4f perplexity %.2f (%d tokens)",
+            logger.info("step %d: validation set %r: loss %.4f perplexity %.2f (%d tokens)",
                         trainer.state.step, name, loss, perplexity, count)
             rows.append(
                 {

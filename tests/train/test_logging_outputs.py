@@ -7,7 +7,7 @@ import io
 import torch
 
 from polycom_lm.train import run_training
-from polycom_lm.train.callbacks import ProgressCallback
+from polycom_lm.train.callbacks import ConsoleLogCallback, ProgressCallback
 from polycom_lm.train.callbacks.wandb import wandb_settings
 from polycom_lm.train.flops import lookup_peak, peak_flops
 from trainer_test_helpers import load, run_config
@@ -33,10 +33,12 @@ def test_wandb_offline_tensorboard_and_profiler_write_their_files(prepared_data,
     raw = run_config(prepared_data, tmp_path / "run", max_steps=3, eval_every_steps=0, save_every_steps=0,
                      profile_start_step=2, profile_num_steps=1)
     raw["logging"].update({"wandb_mode": "offline", "tensorboard": True})
-    console = io.StringIO()
-    run_training(load(raw), extra_callbacks=(ProgressCallback(stream=console),))
+    console, plain_console = io.StringIO(), io.StringIO()
+    run_training(load(raw), extra_callbacks=(ProgressCallback(stream=console), ConsoleLogCallback(plain_console)))
     assert "3/3" in console.getvalue() and "loss=" in console.getvalue() and "tok_s=" in console.getvalue()
-    assert "step 3: validation heldout loss" in console.getvalue()
+    assert "step 3: validation set 'heldout': loss" in console.getvalue()
+    plain_lines = plain_console.getvalue().splitlines()
+    assert len(plain_lines) == 3 and plain_lines[-1].startswith("step 3/3: loss ") and "tokens/s MFU" in plain_lines[-1]
     output = tmp_path / "run"
     assert list((output / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run"
     assert (output / "wandb_run_id").is_file()

@@ -5,7 +5,7 @@ from polycom_lm.train.callbacks.checkpointing import CheckpointCallback
 from polycom_lm.train.callbacks.evaluation import EvaluationCallback
 from polycom_lm.train.callbacks.metrics_file import MetricsFileCallback
 from polycom_lm.train.callbacks.profiling import ProfilerCallback
-from polycom_lm.train.callbacks.progress import ProgressCallback
+from polycom_lm.train.callbacks.progress import ConsoleLogCallback, ProgressCallback
 from polycom_lm.train.callbacks.tensorboard import TensorBoardCallback
 from polycom_lm.train.callbacks.wandb import WandbCallback
 
@@ -14,6 +14,7 @@ __all__ = [
     "EvaluationCallback",
     "MetricsFileCallback",
     "ProfilerCallback",
+    "ConsoleLogCallback",
     "ProgressCallback",
     "TensorBoardCallback",
     "WandbCallback",

@@ -35,7 +35,7 @@ class ProgressCallback(Callback):
     def on_evaluation(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             self._bar.write(
-                f"step {row['step']}: validation {row['name']} loss {row['loss']:.4f} ppl {row['perplexity']:.2f}",
+                f"step {row['step']}: validation set {row['name']!r}: loss {row['loss']:.4f} ppl {row['perplexity']:.2f}",
                 file=self.stream,
             )
 
@@ -43,3 +43,18 @@ class ProgressCallback(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class ConsoleLogCallback(Callback):
+    """One plain line per logged step, for consoles without a progress bar (batch jobs, piped output)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def on_log(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        print(
+            f"step {row['step']}/{trainer.config.training.max_steps}: loss {row['loss']:.4f} lr {row['lr']:.3g} "
+            f"grad_norm {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tokens/s MFU {row['mfu']:.1%}",
+            file=self.stream,
+            flush=True,
+        )
