@@ -129,8 +129,7 @@ class DataConfig:
     # or "blank_lines" (one or more blank lines separate documents).
     document_delimiter: Optional[str] = None
     decode_errors: Literal["strict", "replace"] = "strict"  # bad UTF-8: an error naming file and byte, or U+FFFD
-    document_masks: bool = False
-    loader_workers: int = 0
+    document_masks: bool = False  # packed documents attend only within themselves (block-diagonal causal mask)
 
 
 @dataclass

@@ -33,7 +33,6 @@ OPERATIONAL_KEYS = (
     "training.device",
     "training.profile_",
     "data.preprocess_workers",
-    "data.loader_workers",
     "distributed.timeout_minutes",
 )
 
