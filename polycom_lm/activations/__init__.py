@@ -5,7 +5,7 @@ Every activation class declares `gated` (consumes [..., 2w] laid out as `[gate |
 `has_coefficients` (learnable `weight` / `bias` the trainer logs).
 """
 
-from polycom_lm.activations.registry import ACTIVATIONS, build_activation, build_activation_from_config
+from polycom_lm.activations.registry import ACTIVATIONS, Activation, build_activation, build_activation_from_config
 
 # Importing the families registers their classes.
 from polycom_lm.activations import elementwise, gated, polycom  # noqa: E402,F401  isort: skip
@@ -15,6 +15,7 @@ from polycom_lm.activations.polycom import Poly, PolyNorm, PolyReLU  # noqa: E40
 
 __all__ = [
     "ACTIVATIONS",
+    "Activation",
     "build_activation",
     "build_activation_from_config",
     "ReLU",

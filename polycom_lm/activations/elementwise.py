@@ -4,30 +4,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from polycom_lm.activations.registry import ACTIVATIONS
+from polycom_lm.activations.registry import ACTIVATIONS, Activation
 
 
 @ACTIVATIONS.register("relu")
-class ReLU(nn.Module):
+class ReLU(Activation):
     """relu(x); [..., w] → [..., w]."""
 
-    gated = False
-    normalizes_over_width = False
-    has_coefficients = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x)
 
 
 @ACTIVATIONS.register("gelu")
-class GELU(nn.Module):
+class GELU(Activation):
     """gelu(x) (exact erf form by default; `approximate="tanh"` for the tanh form); [..., w] → [..., w]."""
 
-    gated = False
-    normalizes_over_width = False
-    has_coefficients = False
 
     def __init__(self, approximate: str = "none"):
         super().__init__()
@@ -43,12 +36,9 @@ class GELU(nn.Module):
 
 
 @ACTIVATIONS.register("squared_relu")
-class SquaredReLU(nn.Module):
+class SquaredReLU(Activation):
     """relu(x)²; [..., w] → [..., w]."""
 
-    gated = False
-    normalizes_over_width = False
-    has_coefficients = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.square(F.relu(x))

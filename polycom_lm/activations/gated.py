@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from polycom_lm.activations.registry import ACTIVATIONS
+from polycom_lm.activations.registry import ACTIVATIONS, Activation
 
 
 def split_gate_up(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,12 +18,10 @@ def split_gate_up(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @ACTIVATIONS.register("swiglu")
-class SwiGLU(nn.Module):
+class SwiGLU(Activation):
     """silu(gate) · up; [..., 2w] → [..., w]."""
 
     gated = True
-    normalizes_over_width = False
-    has_coefficients = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = split_gate_up(x)
@@ -32,12 +29,10 @@ class SwiGLU(nn.Module):
 
 
 @ACTIVATIONS.register("geglu")
-class GEGLU(nn.Module):
+class GEGLU(Activation):
     """gelu(gate) · up; [..., 2w] → [..., w]."""
 
     gated = True
-    normalizes_over_width = False
-    has_coefficients = False
 
     def __init__(self, approximate: str = "none"):
         super().__init__()

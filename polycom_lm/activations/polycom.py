@@ -20,16 +20,14 @@ from torch import nn
 from polycom_lm.activations.kernels import reference
 from polycom_lm.activations.kernels.fused import polynomial_fused, polynorm_fused
 from polycom_lm.activations.kernels.select import IMPLS, fused_backend, resolve_impl
-from polycom_lm.activations.registry import ACTIVATIONS
+from polycom_lm.activations.registry import ACTIVATIONS, Activation
 from polycom_lm.errors import ConfigError
 
 
-class _PolynomialCoefficients(nn.Module):
+class _PolynomialCoefficients(Activation):
     """Shared parameters and checks of the PolyCom family."""
 
-    gated = False
-    normalizes_over_width = False
-    has_coefficients = True  # the trainer logs `weight` and `bias` of modules that have this set
+    has_coefficients = True
 
     def __init__(self, order: int = 3, impl: str = "auto"):
         super().__init__()

@@ -3,10 +3,8 @@
 Registering an activation is one decorator on one class::
 
     @ACTIVATIONS.register("my_act")
-    class MyActivation(nn.Module):
-        gated = False
-        normalizes_over_width = False
-        ...
+    class MyActivation(Activation):
+        def forward(self, x): ...
 
 It then shows up in configs (`model.activation: my_act`), tests and benchmarks.
 """
@@ -22,6 +20,17 @@ from polycom_lm.errors import ConfigError
 from polycom_lm.registry import Registry
 
 ACTIVATIONS = Registry("activation")
+
+
+class Activation(nn.Module):
+    """Base class of registered activations; subclasses override the class attributes that differ."""
+
+    # Consumes a 2×-wide input [..., 2w] laid out as `[gate | up]` halves and returns [..., w].
+    gated = False
+    # Normalises over the last dim: under tensor parallelism it needs row statistics of the full width.
+    normalizes_over_width = False
+    # Carries learnable PolyCom coefficients `weight` [r] and `bias` (logged by the trainer, own weight decay).
+    has_coefficients = False
 
 
 def build_activation(name: str, **kwargs: Any) -> nn.Module:
