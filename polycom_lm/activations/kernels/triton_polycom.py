@@ -33,10 +33,9 @@ def _pick(vector, indices, k):
 
 
 @triton.jit
-def _polynorm_row_sums_kernel(x_ptr, sums_ptr, width, ORDER: tl.constexpr, ORDER_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    ranks = tl.arange(0, ORDER_PAD)
-    columns = tl.arange(0, BLOCK)
+def _row_power_sums(x_ptr, row, width, ranks, columns, ORDER: tl.constexpr, ORDER_PAD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """[ORDER_PAD] vector of Σ_j x_j^(2k) over one row, k = 1..ORDER (zero padding), fp32."""
     sums = tl.zeros([ORDER_PAD], dtype=tl.float32)
     for start in range(0, width, BLOCK):
         offsets = start + columns
@@ -46,6 +45,32 @@ def _polynorm_row_sums_kernel(x_ptr, sums_ptr, width, ORDER: tl.constexpr, ORDER
         for k in tl.static_range(ORDER):
             sums += tl.where(ranks == k, tl.sum(power, axis=0), 0.0)
             power = power * square
+    return sums
+
+
+@triton.jit
+def _row_dots(x_ptr, grad_ptr, row, width, ranks, columns, ORDER: tl.constexpr, ORDER_PAD: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """[ORDER_PAD] vector of Σ_j g_j x_j^k over one row, k = 1..ORDER (zero padding), fp32."""
+    dots = tl.zeros([ORDER_PAD], dtype=tl.float32)
+    for start in range(0, width, BLOCK):
+        offsets = start + columns
+        mask = offsets < width
+        x = tl.load(x_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.load(grad_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
+        product = grad * x
+        for k in tl.static_range(ORDER):
+            dots += tl.where(ranks == k, tl.sum(product, axis=0), 0.0)
+            product = product * x
+    return dots
+
+
+@triton.jit
+def _polynorm_row_sums_kernel(x_ptr, sums_ptr, width, ORDER: tl.constexpr, ORDER_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    ranks = tl.arange(0, ORDER_PAD)
+    columns = tl.arange(0, BLOCK)
+    sums = _row_power_sums(x_ptr, row, width, ranks, columns, ORDER, ORDER_PAD, BLOCK)
     tl.store(sums_ptr + row * ORDER + ranks, sums, mask=ranks < ORDER)
 
 
@@ -60,15 +85,7 @@ def _polynorm_forward_kernel(
     if HAS_INVERSE_NORMS:
         inverse_norms = tl.load(inverse_norms_ptr + row * ORDER + ranks, mask=ranks < ORDER, other=0.0)
     else:
-        sums = tl.zeros([ORDER_PAD], dtype=tl.float32)
-        for start in range(0, width, BLOCK):
-            offsets = start + columns
-            x = tl.load(x_ptr + row * width + offsets, mask=offsets < width, other=0.0).to(tl.float32)
-            square = x * x
-            power = square
-            for k in tl.static_range(ORDER):
-                sums += tl.where(ranks == k, tl.sum(power, axis=0), 0.0)
-                power = power * square
+        sums = _row_power_sums(x_ptr, row, width, ranks, columns, ORDER, ORDER_PAD, BLOCK)
         inverse_norms = tl.rsqrt(sums / full_width + eps)
         tl.store(inverse_norms_ptr + row * ORDER + ranks, inverse_norms, mask=ranks < ORDER)
     coefficients = tl.load(coefficients_ptr + ranks, mask=ranks < ORDER, other=0.0)
@@ -92,16 +109,7 @@ def _polynorm_row_dots_kernel(
     row = tl.program_id(0).to(tl.int64)
     ranks = tl.arange(0, ORDER_PAD)
     columns = tl.arange(0, BLOCK)
-    dots = tl.zeros([ORDER_PAD], dtype=tl.float32)
-    for start in range(0, width, BLOCK):
-        offsets = start + columns
-        mask = offsets < width
-        x = tl.load(x_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
-        grad = tl.load(grad_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
-        product = grad * x
-        for k in tl.static_range(ORDER):
-            dots += tl.where(ranks == k, tl.sum(product, axis=0), 0.0)
-            product = product * x
+    dots = _row_dots(x_ptr, grad_ptr, row, width, ranks, columns, ORDER, ORDER_PAD, BLOCK)
     tl.store(dots_ptr + row * ORDER + ranks, dots, mask=ranks < ORDER)
 
 
@@ -116,16 +124,7 @@ def _polynorm_backward_kernel(
     if HAS_DOTS:
         dots = tl.load(dots_ptr + row * ORDER + ranks, mask=ranks < ORDER, other=0.0)
     else:
-        dots = tl.zeros([ORDER_PAD], dtype=tl.float32)
-        for start in range(0, width, BLOCK):
-            offsets = start + columns
-            mask = offsets < width
-            x = tl.load(x_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.load(grad_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
-            product = grad * x
-            for k in tl.static_range(ORDER):
-                dots += tl.where(ranks == k, tl.sum(product, axis=0), 0.0)
-                product = product * x
+        dots = _row_dots(x_ptr, grad_ptr, row, width, ranks, columns, ORDER, ORDER_PAD, BLOCK)
         tl.store(dots_ptr + row * ORDER + ranks, dots, mask=ranks < ORDER)
     inverse_norms = tl.load(inverse_norms_ptr + row * ORDER + ranks, mask=ranks < ORDER, other=0.0)
     coefficients = tl.load(coefficients_ptr + ranks, mask=ranks < ORDER, other=0.0)
