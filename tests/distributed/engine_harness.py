@@ -89,6 +89,30 @@ def reference_run(config: Config, steps: int) -> tuple[list[float], torch.nn.Mod
     return losses, model
 
 
+def consolidate_and_compare(step_dir: Path, tmp_path: Path, activation: str, steps: int = 2) -> tuple[Path, Path]:
+    """Run `polycom-lm checkpoint consolidate` on `step_dir` (as step `steps` of a run in tmp_path/run) and
+    check that the file loads strictly into the plain model and equals the single-process model after
+    `steps` steps. Returns (run folder, consolidated file)."""
+    from safetensors.torch import load_file
+
+    from polycom_lm.cli import main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / f"step_{steps}").symlink_to(step_dir)
+    out = tmp_path / "model.safetensors"
+    assert main(["checkpoint", "consolidate", str(run_dir), "--step", str(steps), "--out", str(out)]) == 0
+    config = tiny_config(activation)
+    model = build_tiny_model(config, seed=99)
+    model.load_state_dict(load_file(str(out)), strict=True)
+    _, trained = reference_run(config, steps=steps)
+    # Adam turns 1e-7 gradient noise into ~1e-5 weight noise at lr 1e-2; a wrong row layout is off by ~0.1.
+    for name, parameter in trained.state_dict().items():
+        error = (model.state_dict()[name] - parameter).abs().max().item()
+        assert error < 1e-4, f"{name}: max difference {error:.2e} from the single-process model"
+    return run_dir, out
+
+
 def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int) -> float:
     """One optimizer step the way the training loop does it; returns the global mean loss."""
     rows = batch.shape[0] // engine.dp_world_size

@@ -104,24 +104,10 @@ def test_single_process_checkpoint_resumes_on_two_ranks(results, reference):
 def test_tp2_checkpoint_consolidates_to_the_canonical_single_process_model(results, tmp_path):
     """The TP 2 SwiGLU checkpoint holds in-proj rows as [gate | up] (not the interleaved shard order):
     the consolidated file equals the single-process model after the same 2 steps."""
-    from safetensors.torch import load_file
-
-    from engine_harness import reference_run
+    from engine_harness import consolidate_and_compare
     from polycom_lm.cli import main
 
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_2").symlink_to(Path(results["shared"]) / "saved_on_2")
-    out = tmp_path / "model.safetensors"
-    assert main(["checkpoint", "consolidate", str(run_dir), "--step", "2", "--out", str(out)]) == 0
-    config = tiny_config("swiglu")
-    model = build_tiny_model(config, seed=99)
-    model.load_state_dict(load_file(str(out)), strict=True)
-    _, trained = reference_run(config, steps=2)
-    # Adam turns 1e-7 gradient noise into ~1e-5 weight noise at lr 1e-2; a wrong row layout is off by ~0.1.
-    for name, parameter in trained.state_dict().items():
-        error = (model.state_dict()[name] - parameter).abs().max().item()
-        assert error < 1e-4, f"{name}: max difference {error:.2e} from the single-process model"
+    run_dir, out = consolidate_and_compare(Path(results["shared"]) / "saved_on_2", tmp_path, "swiglu")
     # Refuses to overwrite what the user has, and names a missing step with the ones available.
     assert main(["checkpoint", "consolidate", str(run_dir), "--step", "2", "--out", str(out)]) == 2
     assert main(["checkpoint", "consolidate", str(run_dir), "--step", "7", "--out", str(tmp_path / "x")]) == 2
