@@ -76,6 +76,9 @@ class ModelConfig:
     activation: str = "swiglu"
     activation_order: int = 3  # r, the order of PolyNorm / PolyReLU / Poly
     activation_impl: str = "auto"  # auto | reference | fused | compiled
+    # Projections: "auto" runs fp32 CPU matmuls through oneDNN (faster than MKL here, see models/linear.py),
+    # "aten" always takes F.linear.
+    linear_impl: Literal["auto", "aten"] = "auto"
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5

@@ -12,7 +12,9 @@ processes hits them alike; a variant's figure is its best step after the warm-up
 - `llama`: transformers' Llama and ours, fp32 and bf16 autocast, in a plain PyTorch loop (AdamW with
   default settings), eager and with `torch.compile` of the whole model; and ours with the trainer's
   step as `polycom-lm train` runs it (`build_trainer(...).train_step()` with `training.compile`: compiled
-  transformer blocks and loss, fused AdamW with the trainer's parameter groups, gradient clipping).
+  transformer blocks and loss, fused AdamW with the trainer's parameter groups, gradient clipping). On CPU
+  also ours in fp32 with `model.linear_impl=aten` (F.linear/MKL instead of the oneDNN projections), and a
+  ceiling: the step's FLOPs at the best matmul rate measured, the most any implementation could reach.
 - `activations`: ours with each activation at matched parameters (the paper's 3/2 width rule), with the
   trainer's step, fp32.
 Default size: hidden 512, 8 layers, 8 heads, SwiGLU width 1376, vocab 8192, untied, batch 8 × 256.
@@ -60,7 +62,7 @@ class Variant:
     trainer: Optional[object] = None  # a polycom_lm Trainer: its own train_step replaces the plain one
 
 
-def model_config(args, activation: str = "swiglu", impl: str = "auto") -> ModelConfig:
+def model_config(args, activation: str = "swiglu", impl: str = "auto", linear_impl: str = "auto") -> ModelConfig:
     return ModelConfig(
         vocab_size=args.vocab,
         d_model=args.hidden,
@@ -69,6 +71,7 @@ def model_config(args, activation: str = "swiglu", impl: str = "auto") -> ModelC
         ffn_hidden_size=args.ffn_hidden_size,
         activation=activation,
         activation_impl=impl,
+        linear_impl=linear_impl,
         max_seq_len=args.seq_len,
         tie_embeddings=False,
     )
@@ -141,6 +144,12 @@ def trainer_variant(label, model_config_, precision, flops_per_token, args) -> V
                    trainer=trainer)
 
 
+def best_matmul_flops(device, dtype) -> float:
+    """The best square-matmul rate at 1024³ and 2048³ (each the faster of ATen and the model's oneDNN
+    projection path): the most demanding reference MFU and the ceiling below are measured against."""
+    return max(measure_matmul_flops(device, dtype, size=size, repeats=reps) for size, reps in ((1024, 10), (2048, 3)))
+
+
 def run_group(variants: list[Variant], args, device) -> None:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=generator).to(device)
@@ -186,6 +195,11 @@ def llama_group(args, device) -> list[Variant]:
         variants.append(plain_variant(f"hf-llama {precision} eager (plain loop)", hf_llama(args, device), precision, False, flops, True))
         torch.manual_seed(0)
         variants.append(plain_variant(f"ours {precision} eager (plain loop)", build_model(ours_config, device), precision, False, flops, False))
+        if precision == "fp32" and device.type == "cpu":  # what the oneDNN projections (models/linear.py) bring
+            torch.manual_seed(0)
+            aten_config = model_config(args, linear_impl="aten")
+            variants.append(plain_variant("ours fp32 eager (plain loop, linear_impl=aten)", build_model(aten_config, device),
+                                          precision, False, flops, False))
         if args.compile and args.plain_compile:
             variants.append(plain_variant(f"hf-llama {precision} torch.compile (plain loop)", hf_llama(args, device), precision, True, flops, True))
             variants.append(plain_variant(f"ours {precision} torch.compile (plain loop)", build_model(ours_config, device), precision, True, flops, False))
@@ -233,15 +247,12 @@ def main(argv=None) -> int:
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.activations = [a for a in args.activations.split(",") if a]
     device = torch.device(args.device)
-    matmul = {
-        "fp32": measure_matmul_flops(device, torch.float32, size=1024, repeats=10),
-        "bf16": measure_matmul_flops(device, torch.bfloat16, size=1024, repeats=10),
-    }
+    matmul = {"fp32": best_matmul_flops(device, torch.float32), "bf16": best_matmul_flops(device, torch.bfloat16)}
     print(
         f"device {device} ({torch.get_num_threads()} threads); batch {args.batch} x {args.seq_len} tokens; "
         f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, SwiGLU width {args.ffn_hidden_size}, "
         f"vocab {args.vocab}; best of {args.steps} interleaved steps after {args.warmup} warm-up\n"
-        f"matmul 1024^3 measured now: fp32 {matmul['fp32'] / 1e9:.1f} GFLOP/s, bf16 {matmul['bf16'] / 1e9:.1f} GFLOP/s "
+        f"matmul (best of 1024^3 and 2048^3, ATen and oneDNN) measured now: fp32 {matmul['fp32'] / 1e9:.1f} GFLOP/s, bf16 {matmul['bf16'] / 1e9:.1f} GFLOP/s "
         f"(MFU is against the best rate measured during the run, re-measured after each group)",
         flush=True,
     )
@@ -252,7 +263,7 @@ def main(argv=None) -> int:
         run_group(variants, args, device)
         # Other processes only ever slow the matmul down: keep the best rate seen during the run.
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            matmul[precision] = max(matmul[precision], measure_matmul_flops(device, dtype, size=1024, repeats=10))
+            matmul[precision] = max(matmul[precision], best_matmul_flops(device, dtype))
         baseline = "hf-llama fp32 eager (plain loop)" if group == "llama" else variants[0].label
         for activation_variant in variants:
             if "swiglu" in activation_variant.label and group == "activations":
@@ -263,6 +274,10 @@ def main(argv=None) -> int:
             by_label = {row["variant"]: row for row in results[group]}
             for precision in args.precisions:
                 hf = by_label.get(f"hf-llama {precision} eager (plain loop)")
+                if hf:  # every FLOP of the step at the best matmul rate: the most any implementation can reach
+                    ceiling = matmul[precision] / training_flops_per_token(model_config(args), args.seq_len)
+                    print(f"ceiling: {precision} step at the matmul rate = {ceiling:.0f} tok/s = "
+                          f"{ceiling / hf['tokens_per_s_best']:.2f}x hf-llama {precision} eager")
                 for mine in (f"ours {precision} eager (plain loop)", f"ours {precision} trainer step"):
                     if hf and mine in by_label:
                         print(f"target: {mine} / hf-llama {precision} eager: "

@@ -10,6 +10,7 @@ from torch import nn
 
 from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
+from polycom_lm.models.linear import Linear
 from polycom_lm.models.norm import RMSNorm
 from polycom_lm.models.rope import apply_rotary
 
@@ -59,10 +60,10 @@ class Attention(nn.Module):
         super().__init__()
         n_heads, n_kv_heads, head_dim = attention_shape(config)
         self.head_dim = head_dim
-        self.q_proj = nn.Linear(config.d_model, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, n_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, config.d_model, bias=False)
+        self.q_proj = Linear(config.d_model, n_heads * head_dim, bias=False, impl=config.linear_impl)
+        self.k_proj = Linear(config.d_model, n_kv_heads * head_dim, bias=False, impl=config.linear_impl)
+        self.v_proj = Linear(config.d_model, n_kv_heads * head_dim, bias=False, impl=config.linear_impl)
+        self.o_proj = Linear(n_heads * head_dim, config.d_model, bias=False, impl=config.linear_impl)
         self.qk_norm_scope = config.qk_norm_scope if config.qk_norm else None
         if self.qk_norm_scope == "head":
             self.q_norm = RMSNorm(head_dim, eps=config.norm_eps)

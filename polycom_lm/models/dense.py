@@ -15,6 +15,7 @@ from torch import nn
 from polycom_lm.config import ModelConfig
 from polycom_lm.models.attention import Attention, attention_shape, document_causal_mask
 from polycom_lm.models.feedforward import FeedForward
+from polycom_lm.models.linear import Linear
 from polycom_lm.models.norm import RMSNorm
 from polycom_lm.models.rope import RotaryEmbedding
 
@@ -80,7 +81,7 @@ class Transformer(nn.Module):
             TransformerBlock(config, layer_index, ffn_factory) for layer_index in range(config.n_layers)
         )
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.output = Linear(config.d_model, config.vocab_size, bias=False, impl=config.linear_impl)
         self._tie_weights()
         if self.tok_embeddings.weight.device.type != "meta":
             self.init_weights()

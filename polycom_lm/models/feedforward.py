@@ -10,6 +10,7 @@ from torch import nn
 from polycom_lm.activations import ACTIVATIONS, build_activation_from_config
 from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
+from polycom_lm.models.linear import Linear
 
 
 def ffn_width(model_config: ModelConfig) -> int:
@@ -44,8 +45,8 @@ class FeedForward(nn.Module):
         self.activation = build_activation_from_config(config)
         self.width = ffn_width(config)
         in_features = 2 * self.width if self.activation.gated else self.width
-        self.in_proj = nn.Linear(config.d_model, in_features, bias=False)
-        self.out_proj = nn.Linear(self.width, config.d_model, bias=False)
+        self.in_proj = Linear(config.d_model, in_features, bias=False, impl=config.linear_impl)
+        self.out_proj = Linear(self.width, config.d_model, bias=False, impl=config.linear_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.activation(self.in_proj(x)))
