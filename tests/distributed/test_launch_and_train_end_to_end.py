@@ -7,7 +7,6 @@ overrides through unchanged."""
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 from pathlib import Path
 
@@ -17,8 +16,6 @@ import yaml
 from engine_harness import REPOSITORY
 
 pytestmark = pytest.mark.slow
-
-WORDS = "the a cat dog bird tree river stone small large quick slow runs jumps sees and but then".split()
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -76,27 +73,7 @@ def test_launcher_without_config_prints_usage():
 
 
 # ------------------------------------------------------------------------------------- end-to-end runs
-
-
-@pytest.fixture(scope="module")
-def prepared_data(tmp_path_factory) -> dict[str, Path]:
-    from polycom_lm.config import config_from_dict
-    from polycom_lm.data import prepare_run_data
-
-    root = tmp_path_factory.mktemp("launch_data")
-    generator = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for index in range(20):
-        text = " ".join(" ".join(generator.choice(WORDS) for _ in range(10)) + "." for _ in range(50))
-        (corpus / f"doc{index:02d}.txt").write_text(text + "\n", encoding="utf-8")
-    config = config_from_dict({"data": {
-        "train": [{"source": str(corpus)}], "val_fraction": 0.1, "preprocess_workers": 1,
-        "tokenizer": {"vocab_size": 120, "byte_fallback": False, "train_max_chars": 100_000},
-        "cache_dir": str(root / "cache"),
-    }})
-    prepared = prepare_run_data(config.data, is_main_process=True, barrier=lambda: None)
-    return {"train": prepared.train[0][0], "validation": next(iter(prepared.validation.values()))}
+# `prepared_data` (a tiny tokenised corpus) comes from tests/conftest.py.
 
 
 def run_config(prepared_data, output_dir: Path, max_steps: int = 4) -> dict:

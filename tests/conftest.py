@@ -1,4 +1,4 @@
-"""Shared fixtures for the trainer tests: one tiny tokenised corpus per session, and tiny run configs."""
+"""Shared fixtures: one tiny tokenised corpus per session, for the trainer and end-to-end launcher tests."""
 
 from __future__ import annotations
 
