@@ -30,6 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     consolidate.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     consolidate.add_argument("--out", type=Path, required=True, metavar="FILE", help="safetensors file to write")
     consolidate.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    consolidate.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="read a DeepSpeed checkpoint even if it holds objects beyond tensors and DeepSpeed's own classes "
+             "(unpickling them can run code: only for checkpoints you made yourself)",
+    )
     consolidate.set_defaults(func=run_consolidate)
 
 
@@ -79,13 +84,13 @@ def check_against_config(run_dir: Path, state: dict) -> str | None:
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
-    from polycom_lm.distributed.consolidate import checkpoint_format, consolidated_model_state, write_safetensors
+    from polycom_lm.checkpoint.consolidate import checkpoint_format, consolidated_model_state, write_safetensors
 
     if args.out.exists() and not args.force:
         raise CheckpointError(f"{args.out} exists; pass --force to replace it")
     directory = find_step_directory(args.run_dir, args.step)
     kind = checkpoint_format(directory)
-    state = consolidated_model_state(directory)
+    state = consolidated_model_state(directory, trust_checkpoint=args.trust_checkpoint)
     config_path = check_against_config(args.run_dir, state)
     metadata = {"format": "pt", "source": str(directory), "checkpoint_format": kind}
     write_safetensors(state, args.out, metadata)

@@ -48,6 +48,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="remove the run already in training.output_dir (its config, metrics, checkpoints) and start over",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="load a DeepSpeed checkpoint even if it holds objects beyond tensors and DeepSpeed's own classes "
+             "(unpickling them can run code: only for checkpoints you made yourself)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -70,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
         extra = ()
     else:
         extra = (ProgressCallback(),) if show_progress else (ConsoleLogCallback(),)
-    result = run_training(config, resume=args.resume, overwrite=args.overwrite, extra_callbacks=extra)
+    result = run_training(
+        config, resume=args.resume, overwrite=args.overwrite, extra_callbacks=extra,
+        trust_checkpoint=args.trust_checkpoint,
+    )
     if rank == 0:
         last = result.last_train_row or {}
         print(f"finished step {result.final_step}", end="")

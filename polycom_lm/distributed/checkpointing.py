@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -27,7 +26,7 @@ from polycom_lm.distributed.tensor_parallel import (
     interleaved_parameter_degrees,
     interleaved_to_canonical,
 )
-from polycom_lm.errors import CheckpointError
+from polycom_lm.checkpoint.dcp import load_dcp, save_dcp
 
 
 def _relayout(tensor: Any, tp: int, convert: Callable[[torch.Tensor, int], torch.Tensor]) -> Any:
@@ -70,24 +69,16 @@ def save_sharded_checkpoint(
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     _convert_interleaved(model, state, to_canonical=True)
-    dcp.save(state, checkpoint_id=str(directory), no_dist=not distributed)
+    save_dcp(directory, state, distributed=distributed)
 
 
 def load_sharded_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool
 ) -> None:
     """Load what `save_sharded_checkpoint` (or the `ddp` engine) wrote, on any world size / TP degree."""
-    if not (Path(directory) / ".metadata").is_file():
-        raise CheckpointError(f"{directory}: not a model/optimizer checkpoint (no DCP .metadata file)")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     _convert_interleaved(model, state, to_canonical=True)
-    try:
-        from polycom_lm.distributed.safe_dcp import SafeFileSystemReader  # no arbitrary unpickling
-
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=not distributed)
-    except Exception as error:  # DCP wraps per-rank failures in one CheckpointException
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{directory}: cannot load model/optimizer state ({first_line})") from None
+    load_dcp(directory, state, distributed=distributed)
     _convert_interleaved(model, state, to_canonical=False)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -17,23 +17,19 @@ import contextlib
 import logging
 import math
 import os
-import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import ContextManager
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
+from polycom_lm.checkpoint.dcp import load_dcp, save_dcp
 from polycom_lm.config import Config
 from polycom_lm.distributed.engine import ENGINES, Engine, OptimizerFactory
-from polycom_lm.distributed.safe_dcp import SafeFileSystemReader, load_metadata
-from polycom_lm.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +47,6 @@ def init_process_group_from_environment(device: torch.device, timeout_minutes: i
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
     logger.info("initialised %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
     return True
-
-
-def _root_cause(error: BaseException) -> str:
-    """One line naming what went wrong, looking inside DCP's per-rank CheckpointException."""
-    if isinstance(error, CheckpointException) and error.failures:
-        error = next(iter(error.failures.values()))[0]
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 @ENGINES.register("ddp")
@@ -141,27 +129,12 @@ class DDPEngine(Engine):
     # -- checkpoints
     def save_checkpoint(self, directory: Path) -> None:
         model_state, optimizer_state = get_state_dict(self.unwrapped_model(), self.optimizer)
-        with warnings.catch_warnings():
-            # Single process: DCP warns that it "assumes the intent is to save in a single process". It is.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(
-                {"model": model_state, "optimizer": optimizer_state},
-                checkpoint_id=str(directory),
-                no_dist=not self._distributed,
-            )
+        save_dcp(directory, {"model": model_state, "optimizer": optimizer_state}, distributed=self._distributed)
 
-    def load_checkpoint(self, directory: Path) -> None:
-        if not (Path(directory) / ".metadata").is_file():
-            raise CheckpointError(f"{directory}: not a model/optimizer checkpoint (no DCP .metadata file)")
-        load_metadata(Path(directory) / ".metadata")  # a crafted or corrupt metadata file: one-line error
+    def load_checkpoint(self, directory: Path, trust_checkpoint: bool = False) -> None:
         model_state, optimizer_state = get_state_dict(self.unwrapped_model(), self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), no_dist=not self._distributed)
-        except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
-            raise CheckpointError(f"{directory}: cannot load model/optimizer state ({_root_cause(error)})") from None
+        load_dcp(directory, state, distributed=self._distributed)
         set_state_dict(
             self.unwrapped_model(),
             self.optimizer,

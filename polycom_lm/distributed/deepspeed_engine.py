@@ -197,13 +197,24 @@ class DeepSpeedEngine(Engine):
     def save_checkpoint(self, directory: Path) -> None:
         self._engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
 
-    def load_checkpoint(self, directory: Path) -> None:
+    def load_checkpoint(self, directory: Path, trust_checkpoint: bool = False) -> None:
+        from polycom_lm.checkpoint.safe_load import deepspeed_loading
+
         if not (Path(directory) / CHECKPOINT_TAG).is_dir():
             raise CheckpointError(
                 f"{directory}: no DeepSpeed checkpoint ({CHECKPOINT_TAG}/ missing); a checkpoint from another "
                 "engine is loaded with that engine, or consolidated with `polycom-lm checkpoint consolidate`"
             )
-        path, _ = self._engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        try:
+            with deepspeed_loading(Path(directory), trust=trust_checkpoint):
+                path, _ = self._engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CheckpointError(
+                f"{directory}: DeepSpeed could not load {CHECKPOINT_TAG}/ ({type(error).__name__}: {first_line})"
+            ) from None
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed could not load {CHECKPOINT_TAG}/")
 

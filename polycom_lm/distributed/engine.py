@@ -90,7 +90,9 @@ class Engine:
     def save_checkpoint(self, directory: Path) -> None:
         raise NotImplementedError
 
-    def load_checkpoint(self, directory: Path) -> None:
+    def load_checkpoint(self, directory: Path, trust_checkpoint: bool = False) -> None:
+        """Restore model and optimizer state. Nothing but tensors and known checkpoint classes is unpickled;
+        `trust_checkpoint` (the user's `--trust-checkpoint`) lifts that for formats that need it (DeepSpeed)."""
         raise NotImplementedError
 
     def close(self) -> None:

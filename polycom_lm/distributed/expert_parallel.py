@@ -38,8 +38,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from polycom_lm.checkpoint.dcp import load_dcp, save_dcp
 from polycom_lm.config import Config
 from polycom_lm.distributed.ddp import DDPEngine  # ddp.py imports this module lazily: no cycle
 from polycom_lm.errors import ConfigError
@@ -321,35 +323,15 @@ class ExpertParallelDDPEngine(DDPEngine):
         return self.expert_parallel.clip_grad_norm(self.unwrapped_model(), max_norm)
 
     def save_checkpoint(self, directory) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         model_state, optimizer_state = get_state_dict(self.unwrapped_model(), self.optimizer)
         model_state, optimizer_state = self.expert_parallel.to_checkpoint_state(model_state, optimizer_state)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+        save_dcp(directory, {"model": model_state, "optimizer": optimizer_state}, distributed=True)
 
-    def load_checkpoint(self, directory) -> None:
-        from pathlib import Path
-
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        from polycom_lm.errors import CheckpointError
-
-        if not (Path(directory) / ".metadata").is_file():
-            raise CheckpointError(f"{directory}: not a model/optimizer checkpoint (no DCP .metadata file)")
+    def load_checkpoint(self, directory, trust_checkpoint: bool = False) -> None:
         model_state, optimizer_state = get_state_dict(self.unwrapped_model(), self.optimizer)
         model_state, optimizer_state = self.expert_parallel.to_checkpoint_state(model_state, optimizer_state)
         state = {"model": model_state, "optimizer": optimizer_state}
-        try:
-            from polycom_lm.distributed.safe_dcp import SafeFileSystemReader  # no arbitrary unpickling
-
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)))
-        except BaseException as error:  # DCP's CheckpointException is a BaseException
-            if isinstance(error, (KeyboardInterrupt, SystemExit)):
-                raise
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointError(f"{directory}: cannot load model/optimizer state ({first_line})") from None
+        load_dcp(directory, state, distributed=True)
         state = ExpertParallel.from_checkpoint_state(state)
         set_state_dict(
             self.unwrapped_model(), self.optimizer,

@@ -172,7 +172,7 @@ class FSDPEngine(Engine):
     def save_checkpoint(self, directory: Path) -> None:
         save_sharded_checkpoint(directory, self.unwrapped_model(), self.optimizer, self._distributed)
 
-    def load_checkpoint(self, directory: Path) -> None:
+    def load_checkpoint(self, directory: Path, trust_checkpoint: bool = False) -> None:
         load_sharded_checkpoint(directory, self.unwrapped_model(), self.optimizer, self._distributed)
 
     def close(self) -> None:

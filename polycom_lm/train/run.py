@@ -136,10 +136,12 @@ def run_training(
     resume: Optional[str] = None,
     overwrite: bool = False,
     extra_callbacks: tuple[Callback, ...] = (),
+    trust_checkpoint: bool = False,
 ) -> RunResult:
     """Train according to `config`; see `polycom_lm.train.output.plan_output` for `resume` / `overwrite`.
 
-    `extra_callbacks` run on the main process only (the CLI passes its progress bar).
+    `extra_callbacks` run on the main process only (the CLI passes its progress bar). `trust_checkpoint`:
+    the user vouches for the checkpoint resumed from (see `Engine.load_checkpoint`).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_config(config, world_size)
@@ -166,7 +168,7 @@ def run_training(
 
         state = checkpoints.TrainerState(world_size=world_size)
         if plan.resume_from is not None:
-            state = _resume(engine, plan.resume_from, rank, world_size, config.training.seed)
+            state = _resume(engine, plan.resume_from, rank, world_size, config.training.seed, trust_checkpoint)
         # Only now, with data, model and checkpoint known to be good, does the output folder change.
         if is_main:
             prepare_output(plan, config, state.step)
@@ -231,9 +233,11 @@ def run_training(
         engine.close()
 
 
-def _resume(engine, directory: Path, rank: int, world_size: int, seed: int) -> checkpoints.TrainerState:
+def _resume(
+    engine, directory: Path, rank: int, world_size: int, seed: int, trust_checkpoint: bool
+) -> checkpoints.TrainerState:
     state = checkpoints.read_trainer_state(directory)
-    engine.load_checkpoint(directory)
+    engine.load_checkpoint(directory, trust_checkpoint=trust_checkpoint)
     rng = checkpoints.load_rng_state(directory, rank)
     if rng is not None and state.world_size == world_size:
         checkpoints.restore_rng_state(rng)

@@ -4,7 +4,8 @@
   the canonical layout (gated in-proj as `[gate | up]`, see `checkpointing.py`), so only the `model.*`
   entries are read, without a process group, whatever world size or TP degree wrote them.
 - `deepspeed`: `<step>/deepspeed/` in DeepSpeed's format; its fp32 master weights are gathered from the
-  ZeRO partitions with DeepSpeed's own `zero_to_fp32` reader.
+  ZeRO partitions with DeepSpeed's own `zero_to_fp32` reader, whose `torch.load` calls are restricted to
+  tensors and DeepSpeed's own classes (`safe_load.deepspeed_loading`) unless `trust_checkpoint`.
 
 The result loads into `build_model(config.model)` with `load_state_dict` (strict).
 """
@@ -38,46 +39,45 @@ def checkpoint_format(step_directory: Path) -> str:
     )
 
 
-def consolidated_model_state(step_directory: Path) -> dict[str, torch.Tensor]:
-    """Parameter name → full CPU tensor, read from the checkpoint at `step_directory`."""
+def consolidated_model_state(step_directory: Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Parameter name → full CPU tensor, read from the checkpoint at `step_directory`. Nothing but tensors
+    and known checkpoint classes is unpickled, unless `trust_checkpoint` (DeepSpeed files only)."""
     step_directory = Path(step_directory)
     if checkpoint_format(step_directory) == "dcp":
         return _read_dcp_model(step_directory)
-    return _read_deepspeed_model(step_directory)
+    return _read_deepspeed_model(step_directory, trust_checkpoint)
 
 
 def _read_dcp_model(step_directory: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from polycom_lm.distributed.safe_dcp import SafeFileSystemReader  # no arbitrary unpickling
+    from polycom_lm.checkpoint.dcp import load_dcp, read_dcp_metadata
 
-    reader = SafeFileSystemReader(str(step_directory))
-    try:
-        metadata = reader.read_metadata()
-    except Exception as error:
-        raise CheckpointError(f"{step_directory}: unreadable DCP metadata ({type(error).__name__}: {error})") from None
+    metadata = read_dcp_metadata(step_directory)
     model: dict[str, torch.Tensor] = {}
     for key, entry in metadata.state_dict_metadata.items():
         if key.startswith(MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata):
             model[key[len(MODEL_PREFIX):]] = torch.empty(entry.size, dtype=entry.properties.dtype)
     if not model:
         raise CheckpointError(f"{step_directory}: the DCP checkpoint holds no 'model.*' tensors")
-    try:
-        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{step_directory}: cannot read model tensors ({first_line})") from None
+    load_dcp(step_directory, {"model": model}, distributed=False)
     return model
 
 
-def _read_deepspeed_model(step_directory: Path) -> dict[str, torch.Tensor]:
+def _read_deepspeed_model(step_directory: Path, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from polycom_lm.checkpoint.safe_load import deepspeed_loading
+
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(step_directory), tag=DEEPSPEED_TAG)
-    except (FileNotFoundError, ValueError) as error:
-        raise CheckpointError(f"{step_directory}: cannot consolidate the DeepSpeed checkpoint ({error})") from None
+        with deepspeed_loading(step_directory, trust=trust_checkpoint):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(step_directory), tag=DEEPSPEED_TAG)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{step_directory}: cannot consolidate the DeepSpeed checkpoint ({type(error).__name__}: {error})"
+        ) from None
     return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
 
 
