@@ -8,6 +8,7 @@ from polycom_lm.config.schema import (
     DataConfig,
     DataSourceConfig,
     DistributedConfig,
+    DownstreamEvaluationConfig,
     EvaluationConfig,
     LoggingConfig,
     ModelConfig,
@@ -20,7 +21,7 @@ from polycom_lm.config.schema import (
 )
 
 __all__ = [
-    "Config", "DataConfig", "DataSourceConfig", "DistributedConfig", "EvaluationConfig", "LoggingConfig",
+    "Config", "DataConfig", "DataSourceConfig", "DistributedConfig", "DownstreamEvaluationConfig", "EvaluationConfig", "LoggingConfig",
     "ModelConfig", "MoEConfig", "OptimizerConfig", "ScheduleConfig", "TokenizerConfig", "TrainingConfig",
     "ValidationSetConfig", "OVERRIDE_ORIGIN", "config_from_dict", "from_dict", "load_config", "parse_override",
 ]

@@ -210,9 +210,29 @@ class LoggingConfig:
 
 
 @dataclass
+class DownstreamEvaluationConfig:
+    """Zero-shot tasks (`polycom-lm eval`'s) scored during training; rows `kind: downstream`."""
+
+    tasks: list[str] = field(default_factory=list)  # e.g. [hellaswag, arc_easy]; empty: off
+    every_steps: int = 0  # 0: only after the final step (which is always evaluated)
+    limit: Optional[int] = None  # first N examples of each task; None: all
+    data_dir: Optional[str] = None  # local task files (layout of shared/data/eval); None: the Hugging Face hub
+    batch_size: int = 32  # requests per forward
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"evaluation.downstream.every_steps must be >= 0, got {self.every_steps}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"evaluation.downstream.limit must be at least 1 or null, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"evaluation.downstream.batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
 class EvaluationConfig:
     micro_batch_size: Optional[int] = None  # None: training.micro_batch_size
     max_tokens: Optional[int] = None  # cap per validation set; None: the whole set
+    downstream: DownstreamEvaluationConfig = field(default_factory=DownstreamEvaluationConfig)
 
 
 @dataclass

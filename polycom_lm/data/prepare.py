@@ -197,3 +197,9 @@ def prepare_run_data(data_config: DataConfig, *, is_main_process: bool, barrier:
         return prepared
     barrier()
     return _Preparer(data_config, build=False).run()
+
+
+def resolve_tokenizer(data_config: DataConfig) -> Path:
+    """The folder of the tokenizer a run with `data_config` uses, without building anything: the configured
+    path, or the one trained and cached for its first raw training source (DataError if not there)."""
+    return _Preparer(data_config, build=False).tokenizer().directory

@@ -10,6 +10,7 @@ from torch import nn
 
 from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
+from polycom_lm.models.kv_cache import LayerKVCache
 from polycom_lm.models.linear import Linear
 from polycom_lm.models.norm import RMSNorm
 from polycom_lm.models.rope import apply_rotary
@@ -80,9 +81,12 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerKVCache] = None,
     ) -> torch.Tensor:
-        """x [batch, seq, d_model]; cos, sin [seq, head_dim] float32; attention_mask None (plain causal) or
-        bool [batch, 1, seq, seq] (True = attend, already causal). Returns [batch, seq, d_model]."""
+        """x [batch, seq, d_model]; cos, sin [seq, head_dim] or [batch, seq, head_dim] float32;
+        attention_mask None (plain causal) or bool [batch, 1, seq, keys] (True = attend, already causal).
+        With a `cache` (inference), this step's keys and values are appended to it and the queries attend
+        over all of them; the mask must then be given (keys = cached + seq). Returns [batch, seq, d_model]."""
         batch, seq_len, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm_scope == "full":
@@ -94,6 +98,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, head_dim]
+        if cache is not None:
+            if attention_mask is None:
+                raise ValueError("attention with a KV cache needs an explicit attention mask")
+            k, v = cache.append(k, v)
         repeats = q.shape[1] // k.shape[1]
         if attention_mask is None:
             # Flash attention handles grouped heads natively: no copy of k and v.

@@ -15,6 +15,7 @@ from torch import nn
 from polycom_lm.config import ModelConfig
 from polycom_lm.models.attention import Attention, attention_shape, document_causal_mask
 from polycom_lm.models.feedforward import FeedForward
+from polycom_lm.models.kv_cache import KVCache, LayerKVCache
 from polycom_lm.models.linear import Linear
 from polycom_lm.models.norm import RMSNorm
 from polycom_lm.models.rope import RotaryEmbedding
@@ -41,8 +42,9 @@ class TransformerBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerKVCache] = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask)
+        h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask, cache)
         return h + self.ffn(self.ffn_norm(h))
 
     def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
@@ -97,6 +99,23 @@ class Transformer(nn.Module):
         return result
 
     def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.output(self.hidden_states(input_ids, document_ids))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        document_ids: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        lengths: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [batch, seq, d_model]; `self.output` of them are the logits.
+
+        Inference passes a `cache` (the tokens it already holds precede `input_ids`; this call appends
+        to it) and, for right-padded rows, `lengths` [batch] (real tokens per row). Scoring applies the
+        LM head to the few positions it needs only.
+        """
+        if cache is not None:
+            return self._cached_hidden_states(input_ids, cache, lengths)
         seq_len = input_ids.shape[1]
         if document_ids is not None and document_ids.shape != input_ids.shape:
             raise ValueError(
@@ -107,7 +126,22 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, attention_mask)
-        return self.output(self.norm(h))
+        return self.norm(h)
+
+    def _cached_hidden_states(
+        self, input_ids: torch.Tensor, cache: KVCache, lengths: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        batch, seq_len = input_ids.shape
+        positions, attention_mask = cache.begin_step(batch, seq_len, lengths, input_ids.device)
+        cos, sin = self.rope.at(positions)
+        h = self.tok_embeddings(input_ids)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h = layer(h, cos, sin, attention_mask, layer_cache)
+        return self.norm(h)
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for `hidden_states(..., cache=...)`."""
+        return KVCache(len(self.layers))
 
     @property
     def output_std(self) -> float:

@@ -1,5 +1,11 @@
-"""What the transformers conversions (`hf_interop` for Llama, `hf_olmoe` for OLMoE) share: reading the
-decoder fields of a transformers config, and copying a converted state dict in exactly."""
+"""What the transformers conversions (`hf_interop` for Llama, `hf_olmoe` for OLMoE, `hf_polycom` for our
+own exported architecture) share: the decoder's key names, reading the decoder fields of a transformers
+config, and copying a converted state dict in exactly.
+
+All three use transformers' Llama layout for everything but the FFN: `model.embed_tokens`, per layer
+`self_attn.{q,k,v,o}_proj` (+ `q_norm` / `k_norm`), `input_layernorm`, `post_attention_layernorm`, then
+`model.norm` and `lm_head` (left out when tied to the embedding). Each conversion adds its FFN keys.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,51 @@ import torch
 from torch import nn
 
 from polycom_lm.errors import ConfigError
+
+
+# (our key, transformers key) outside the layers; the LM head is handled by `rename_to_hf` / `rename_from_hf`.
+GLOBAL_KEYS = (("tok_embeddings.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"))
+# (our suffix, transformers suffix) inside layer i (`layers.{i}.` / `model.layers.{i}.`).
+ATTENTION_KEYS = (
+    ("attention.q_proj.weight", "self_attn.q_proj.weight"),
+    ("attention.k_proj.weight", "self_attn.k_proj.weight"),
+    ("attention.v_proj.weight", "self_attn.v_proj.weight"),
+    ("attention.o_proj.weight", "self_attn.o_proj.weight"),
+    ("attention_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+)
+QK_NORM_KEYS = (
+    ("attention.q_norm.weight", "self_attn.q_norm.weight"),
+    ("attention.k_norm.weight", "self_attn.k_norm.weight"),
+)
+HEAD_KEY = ("output.weight", "lm_head.weight")
+
+
+def rename_to_hf(
+    state: dict[str, torch.Tensor], n_layers: int, tie_embeddings: bool, layer_keys: tuple[tuple[str, str], ...]
+) -> dict[str, torch.Tensor]:
+    """Our keys → transformers keys, for the global keys, the LM head (unless tied) and `layer_keys` of every
+    layer. Tensors are not copied."""
+    hf_state = {hf: state[ours] for ours, hf in GLOBAL_KEYS}
+    if not tie_embeddings:
+        hf_state[HEAD_KEY[1]] = state[HEAD_KEY[0]]
+    for index in range(n_layers):
+        for ours, hf in layer_keys:
+            hf_state[f"model.layers.{index}.{hf}"] = state[f"layers.{index}.{ours}"]
+    return hf_state
+
+
+def rename_from_hf(
+    hf_state: dict[str, torch.Tensor], n_layers: int, tie_embeddings: bool, layer_keys: tuple[tuple[str, str], ...]
+) -> dict[str, torch.Tensor]:
+    """The inverse of `rename_to_hf` (a tied checkpoint's `lm_head.weight`, if present, is ignored)."""
+    state = {ours: hf_state[hf] for ours, hf in GLOBAL_KEYS}
+    if not tie_embeddings:
+        state[HEAD_KEY[0]] = hf_state[HEAD_KEY[1]]
+    for index in range(n_layers):
+        for ours, hf in layer_keys:
+            state[f"layers.{index}.{ours}"] = hf_state[f"model.layers.{index}.{hf}"]
+    return state
 
 
 def rope_theta(hf_config: Any, family: str) -> float:

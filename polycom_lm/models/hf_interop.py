@@ -16,7 +16,7 @@ from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
 from polycom_lm.models.attention import attention_shape
 from polycom_lm.models.dense import Transformer
-from polycom_lm.models.hf_common import decoder_config_fields, load_exactly
+from polycom_lm.models.hf_common import ATTENTION_KEYS, decoder_config_fields, load_exactly, rename_from_hf, rename_to_hf
 from polycom_lm.models.hf_olmoe import from_hf_olmoe  # noqa: F401  (re-exported; OLMoE conversion lives there)
 
 
@@ -62,44 +62,29 @@ def hf_llama_config(model_config: ModelConfig) -> Any:
     )
 
 
+# Llama's FFN is `gate_proj`, `up_proj` (stacked into our `in_proj` as [gate | up]) and `down_proj`; the
+# out-projection is a plain rename, the in-projection a split / concatenation.
+_LLAMA_LAYER_KEYS = ATTENTION_KEYS + (("ffn.out_proj.weight", "mlp.down_proj.weight"),)
+
+
 def hf_llama_state_dict_to_ours(hf_state: dict[str, torch.Tensor], n_layers: int, tie_embeddings: bool) -> dict[str, torch.Tensor]:
     """Rename (and stack gate/up of) a `LlamaForCausalLM` state dict into our `Transformer`'s keys."""
-    ours = {
-        "tok_embeddings.weight": hf_state["model.embed_tokens.weight"],
-        "norm.weight": hf_state["model.norm.weight"],
-    }
-    if not tie_embeddings:
-        ours["output.weight"] = hf_state["lm_head.weight"]
+    ours = rename_from_hf(hf_state, n_layers, tie_embeddings, _LLAMA_LAYER_KEYS)
     for index in range(n_layers):
-        hf, our = f"model.layers.{index}.", f"layers.{index}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            ours[f"{our}attention.{name}.weight"] = hf_state[f"{hf}self_attn.{name}.weight"]
-        ours[f"{our}attention_norm.weight"] = hf_state[f"{hf}input_layernorm.weight"]
-        ours[f"{our}ffn_norm.weight"] = hf_state[f"{hf}post_attention_layernorm.weight"]
-        ours[f"{our}ffn.in_proj.weight"] = torch.cat(
-            [hf_state[f"{hf}mlp.gate_proj.weight"], hf_state[f"{hf}mlp.up_proj.weight"]], dim=0
+        hf = f"model.layers.{index}.mlp."
+        ours[f"layers.{index}.ffn.in_proj.weight"] = torch.cat(
+            [hf_state[f"{hf}gate_proj.weight"], hf_state[f"{hf}up_proj.weight"]], dim=0
         )
-        ours[f"{our}ffn.out_proj.weight"] = hf_state[f"{hf}mlp.down_proj.weight"]
     return ours
 
 
 def our_state_dict_to_hf_llama(state: dict[str, torch.Tensor], n_layers: int, tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    """The inverse of `hf_llama_state_dict_to_ours`."""
-    hf_state = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["tok_embeddings.weight"] if tie_embeddings else state["output.weight"],
-    }
+    """The inverse of `hf_llama_state_dict_to_ours` (no `lm_head.weight` when the embeddings are tied)."""
+    hf_state = rename_to_hf(state, n_layers, tie_embeddings, _LLAMA_LAYER_KEYS)
     for index in range(n_layers):
-        hf, our = f"model.layers.{index}.", f"layers.{index}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            hf_state[f"{hf}self_attn.{name}.weight"] = state[f"{our}attention.{name}.weight"]
-        hf_state[f"{hf}input_layernorm.weight"] = state[f"{our}attention_norm.weight"]
-        hf_state[f"{hf}post_attention_layernorm.weight"] = state[f"{our}ffn_norm.weight"]
-        gate, up = state[f"{our}ffn.in_proj.weight"].chunk(2, dim=0)
-        hf_state[f"{hf}mlp.gate_proj.weight"] = gate
-        hf_state[f"{hf}mlp.up_proj.weight"] = up
-        hf_state[f"{hf}mlp.down_proj.weight"] = state[f"{our}ffn.out_proj.weight"]
+        gate, up = state[f"layers.{index}.ffn.in_proj.weight"].chunk(2, dim=0)
+        hf_state[f"model.layers.{index}.mlp.gate_proj.weight"] = gate
+        hf_state[f"model.layers.{index}.mlp.up_proj.weight"] = up
     return hf_state
 
 
@@ -130,8 +115,6 @@ def to_hf_llama(model: Transformer) -> nn.Module:
     hf_config = hf_llama_config(config)
     hf_model = LlamaForCausalLM(hf_config).to(device=reference.device, dtype=reference.dtype)
     state = our_state_dict_to_hf_llama(model.state_dict(), config.n_layers, config.tie_embeddings)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight")
     load_exactly(hf_model, state, "converting to LlamaForCausalLM", tied=config.tie_embeddings)
     return hf_model.eval()
 

@@ -20,7 +20,14 @@ from torch import nn
 
 from polycom_lm.config import ModelConfig, MoEConfig
 from polycom_lm.errors import ConfigError
-from polycom_lm.models.hf_common import decoder_config_fields, load_exactly
+from polycom_lm.models.hf_common import (
+    ATTENTION_KEYS,
+    QK_NORM_KEYS,
+    decoder_config_fields,
+    load_exactly,
+    rename_from_hf,
+    rename_to_hf,
+)
 
 
 def model_config_from_hf_olmoe(hf_config: Any) -> ModelConfig:
@@ -91,49 +98,26 @@ def hf_olmoe_config(model_config: ModelConfig) -> Any:
     )
 
 
-# (our suffix, OLMoE suffix) inside one layer.
-_LAYER_KEYS = [
-    ("attention.q_proj.weight", "self_attn.q_proj.weight"),
-    ("attention.k_proj.weight", "self_attn.k_proj.weight"),
-    ("attention.v_proj.weight", "self_attn.v_proj.weight"),
-    ("attention.o_proj.weight", "self_attn.o_proj.weight"),
-    ("attention.q_norm.weight", "self_attn.q_norm.weight"),
-    ("attention.k_norm.weight", "self_attn.k_norm.weight"),
-    ("attention_norm.weight", "input_layernorm.weight"),
-    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+# OLMoE's layer: the shared attention keys, QK-norm, and the experts (stacked exactly as ours).
+_OLMOE_LAYER_KEYS = ATTENTION_KEYS + QK_NORM_KEYS + (
     ("ffn.router.weight", "mlp.gate.weight"),
     ("ffn.experts.in_proj", "mlp.experts.gate_up_proj"),
     ("ffn.experts.out_proj", "mlp.experts.down_proj"),
-]
+)
 
 
 def hf_olmoe_state_dict_to_ours(
     hf_state: dict[str, torch.Tensor], n_layers: int, tie_embeddings: bool
 ) -> dict[str, torch.Tensor]:
     """Rename an `OlmoeForCausalLM` state dict into our `MoETransformer`'s keys."""
-    ours = {"tok_embeddings.weight": hf_state["model.embed_tokens.weight"], "norm.weight": hf_state["model.norm.weight"]}
-    if not tie_embeddings:
-        ours["output.weight"] = hf_state["lm_head.weight"]
-    for index in range(n_layers):
-        for our_key, hf_key in _LAYER_KEYS:
-            ours[f"layers.{index}.{our_key}"] = hf_state[f"model.layers.{index}.{hf_key}"]
-    return ours
+    return rename_from_hf(hf_state, n_layers, tie_embeddings, _OLMOE_LAYER_KEYS)
 
 
 def our_state_dict_to_hf_olmoe(
     state: dict[str, torch.Tensor], n_layers: int, tie_embeddings: bool
 ) -> dict[str, torch.Tensor]:
     """The inverse of `hf_olmoe_state_dict_to_ours`."""
-    hf_state = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-    }
-    if not tie_embeddings:
-        hf_state["lm_head.weight"] = state["output.weight"]
-    for index in range(n_layers):
-        for our_key, hf_key in _LAYER_KEYS:
-            hf_state[f"model.layers.{index}.{hf_key}"] = state[f"layers.{index}.{our_key}"]
-    return hf_state
+    return rename_to_hf(state, n_layers, tie_embeddings, _OLMOE_LAYER_KEYS)
 
 
 def from_hf_olmoe(hf_model: nn.Module) -> nn.Module:

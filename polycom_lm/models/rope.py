@@ -31,14 +31,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` [batch, seq, heads, head_dim] by position; `cos`, `sin` are [seq, head_dim] float32.
+    """Rotate `x` [batch, seq, heads, head_dim] by position; `cos`, `sin` are [seq, head_dim] float32 (the
+    same positions for every row) or [batch, seq, head_dim] (per-row positions, e.g. after a KV cache).
 
     The rotation runs in at least float32 (bf16 angles at position 4000 are off by whole radians) and the
     result is cast back to x's dtype.
     """
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    cos = cos.to(compute_dtype)[None, :, None, :]
-    sin = sin.to(compute_dtype)[None, :, None, :]
+    if cos.dim() == 3:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    else:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
     wide = x.to(compute_dtype)
     return (wide * cos + rotate_half(wide) * sin).to(x.dtype)
 
@@ -83,6 +87,15 @@ class RotaryEmbedding(nn.Module):
                 "raise model.max_seq_len or shorten training.seq_len"
             )
         return self.cos[:seq_len], self.sin[:seq_len]
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at `positions` [batch, seq] int64: each [batch, seq, head_dim] float32."""
+        if positions.numel() and int(positions.max()) >= self.max_seq_len:
+            raise ConfigError(
+                f"position {int(positions.max())} is beyond model.max_seq_len {self.max_seq_len}; "
+                "shorten the input (prompt plus generated tokens)"
+            )
+        return self.cos[positions], self.sin[positions]
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}"

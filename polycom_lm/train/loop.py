@@ -73,6 +73,9 @@ class Callback:
     def on_evaluation(self, trainer: "Trainer", rows: list[dict[str, Any]]) -> None:
         """Validation rows (`kind: eval`), one per validation set."""
 
+    def on_downstream_evaluation(self, trainer: "Trainer", rows: list[dict[str, Any]]) -> None:
+        """Zero-shot task rows (`kind: downstream`), one per task and metric."""
+
     def on_step_end(self, trainer: "Trainer") -> None: ...
 
     def on_train_end(self, trainer: "Trainer") -> None: ...

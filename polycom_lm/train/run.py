@@ -21,6 +21,7 @@ from polycom_lm.distributed.engine import Engine, build_engine
 from polycom_lm.train import checkpoint as checkpoints
 from polycom_lm.train.callbacks import (
     CheckpointCallback,
+    DownstreamEvaluationCallback,
     EvaluationCallback,
     MetricsFileCallback,
     ProfilerCallback,
@@ -146,6 +147,7 @@ def run_training(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_config(config, world_size)
     plan = plan_output(config, resume, overwrite)
+    downstream = DownstreamEvaluationCallback.build(config)  # task names and files fail here, before any write
     resume_state = checkpoints.read_trainer_state(plan.resume_from) if plan.resume_from else None
     device = resolve_device(config.training.device)
 
@@ -187,6 +189,8 @@ def run_training(
         callbacks.append(recorder)
         evaluated = _logged_evaluation(output_dir / METRICS_FILE, state.step) if plan.resume_from else None
         callbacks.append(EvaluationCallback(data.validation, evaluated))
+        if downstream is not None:
+            callbacks.append(downstream.bind(data.tokenizer_dir))
         callbacks.append(CheckpointCallback())
         if config.training.profile_start_step is not None:
             callbacks.append(

@@ -39,6 +39,10 @@ class MetricsFileCallback(Callback):
         for row in rows:
             self.write(row)
 
+    def on_downstream_evaluation(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.write(row)
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()

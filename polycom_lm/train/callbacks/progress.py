@@ -39,10 +39,21 @@ class ProgressCallback(Callback):
                 file=self.stream,
             )
 
+    def on_downstream_evaluation(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        self._bar.write(downstream_line(rows), file=self.stream)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def downstream_line(rows: list[dict[str, Any]]) -> str:
+    """'step 100: hellaswag acc 0.2650 acc_norm 0.2700, lambada ...' from downstream rows."""
+    by_task: dict[str, list[str]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(f"{row['metric']} {row['value']:.4g}")
+    return f"step {rows[0]['step']}: downstream " + ", ".join(f"{task} {' '.join(parts)}" for task, parts in by_task.items())
 
 
 class ConsoleLogCallback(Callback):
@@ -58,3 +69,6 @@ class ConsoleLogCallback(Callback):
             file=self.stream,
             flush=True,
         )
+
+    def on_downstream_evaluation(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        print(downstream_line(rows), file=self.stream, flush=True)

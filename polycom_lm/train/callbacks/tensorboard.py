@@ -28,6 +28,10 @@ class TensorBoardCallback(Callback):
             self._writer.add_scalar(f"eval/{row['name']}/loss", row["loss"], row["step"])
             self._writer.add_scalar(f"eval/{row['name']}/perplexity", row["perplexity"], row["step"])
 
+    def on_downstream_evaluation(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self._writer.add_scalar(f"downstream/{row['task']}/{row['metric']}", row["value"], row["step"])
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

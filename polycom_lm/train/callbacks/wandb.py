@@ -72,6 +72,11 @@ class WandbCallback(Callback):
             metrics[f"eval/{row['name']}/perplexity"] = row["perplexity"]
         self._run.log(metrics, step=trainer.state.step)
 
+    def on_downstream_evaluation(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        if self._run is not None:
+            self._run.log({f"downstream/{row['task']}/{row['metric']}": row["value"] for row in rows},
+                          step=trainer.state.step)
+
     def close(self) -> None:
         if self._run is not None:
             self._run.finish()
