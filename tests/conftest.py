@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 # Helper modules shared across test folders (trainer_test_helpers, engine_harness, ...).
-for _folder in ("train", "distributed", "checkpoint"):
+for _folder in ("train", "distributed", "checkpoint", "eval", "pretrained"):
     _path = str(Path(__file__).resolve().parent / _folder)
     if _path not in sys.path:
         sys.path.insert(0, _path)

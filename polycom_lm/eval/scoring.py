@@ -221,7 +221,7 @@ class Scorer:
                 spans.append((request, start, len(index)))
         chosen = flat.index_select(0, torch.tensor(index, device=flat.device))
         logits = chosen if logits_given else self.model.output(chosen)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         target = torch.tensor(targets, device=flat.device)
         token_ll = log_probs.gather(1, target[:, None])[:, 0].double().cpu()
         greedy = (log_probs.argmax(dim=-1) == target).cpu()

@@ -51,7 +51,7 @@ class HellaSwag(Task):
 
 
 class _ARC(Task):
-    """lm_eval/tasks/arc/arc_easy.yaml (arc_challenge.yaml includes it): "Question: {{question}}\\nAnswer:",
+    """lm_eval/tasks/arc/arc_easy.yaml and arc/arc_challenge.yaml (which includes it): "Question: {{question}}\\nAnswer:",
     choices = choices.text, gold = choices.label.index(answerKey); the test split, as the harness uses."""
 
     metrics = ("acc", "acc_norm")

@@ -130,8 +130,11 @@ def sentencepiece_to_tokenizers(model_file: Path):
         model = models.BPE(vocab, _bpe_merges(vocab, mergeable), unk_token=pieces[unk_id][0] if unk_id is not None else None,
                            fuse_unk=True, byte_fallback=spec["byte_fallback"])
     elif spec["model_type"] == UNIGRAM_MODEL:
-        model = models.Unigram([(piece, score) for piece, score, _ in pieces], unk_id=unk_id,
-                               byte_fallback=spec["byte_fallback"])
+        # SentencePiece never segments text into control or byte pieces; a unigram lattice would match
+        # "<s>" or "<0x41>" written in the text, so they get a score no segmentation can prefer.
+        never = (CONTROL, UNKNOWN, BYTE)
+        model = models.Unigram([(piece, -1e9 if kind in never else score) for piece, score, kind in pieces],
+                               unk_id=unk_id, byte_fallback=spec["byte_fallback"])
     else:
         raise DataError(f"{model_file}: SentencePiece model type {spec['model_type']} (char / word) is not converted")
     steps = []
