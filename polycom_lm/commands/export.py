@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     step = f"step {loaded.step}" if loaded.step is not None else "unknown step"
     print(f"model:        {loaded.source} ({loaded.kind}, {step})")
     print(f"architecture: {result.architecture} ({loaded.model_config.family}, {loaded.model_config.activation})")
-    print(f"wrote:        {result.out} ({result.parameters:,} parameters in {result.shards} safetensors file(s), {args.dtype})")
+    print(f"wrote:        {result.out} ({result.parameters:,} parameters, {args.dtype}, "
+          f"{result.shards} safetensors file(s))")
     if result.architecture == "PolycomForCausalLM":
         print("load with:    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
     return 0

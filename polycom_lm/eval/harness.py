@@ -52,9 +52,18 @@ def write_harness_tasks(rows: dict[Task, list[dict[str, Any]]], folder: Path) ->
     return names
 
 
-def run_harness(model_dir: Path, tasks: dict[Task, list[dict[str, Any]]], folder: Path, *, batch_size: int = 32,
+def harness_model(model_dir: Path, *, batch_size: int = 32, device: str = "cpu"):
+    """lm-evaluation-harness's `hf` model (HFLM) on an exported folder, float32, remote code trusted."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(model_dir), trust_remote_code=True, dtype="float32", batch_size=batch_size,
+                device=device)
+
+
+def run_harness(model: Any, tasks: dict[Task, list[dict[str, Any]]], folder: Path, *, batch_size: int = 32,
                 device: str = "cpu", limit: Optional[int] = None) -> dict[str, Any]:
-    """`lm_eval.simple_evaluate` of the exported model in `model_dir` on `tasks` (rows per task), zero-shot.
+    """`lm_eval.simple_evaluate` of `model` (an exported folder, or an `harness_model`) on `tasks` (rows
+    per task), zero-shot, without bootstrapped standard errors.
 
     Returns {task name: {"metrics": {metric: value}, "loglikelihoods": [[ll per request] per example]}}
     with examples in row order.
@@ -62,11 +71,11 @@ def run_harness(model_dir: Path, tasks: dict[Task, list[dict[str, Any]]], folder
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    if isinstance(model, (str, Path)):
+        model = harness_model(Path(model), batch_size=batch_size, device=device)
     names = write_harness_tasks(tasks, folder)
     output = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "trust_remote_code": True, "dtype": "float32"},
-        tasks=names, num_fewshot=0, batch_size=batch_size, device=device, limit=limit,
+        model=model, tasks=names, num_fewshot=0, limit=limit,
         task_manager=TaskManager(include_path=str(folder), include_defaults=False),
         log_samples=True, bootstrap_iters=0,
     )

@@ -122,7 +122,8 @@ class Scorer:
         shared-prefix groups and plain ones go to different batches."""
         batches = []
         for shared in (True, False):
-            chosen = sorted((g for g in groups if (g.prefix > 0) == shared), key=lambda g: (g.prefix, g.length), reverse=True)
+            chosen = sorted((g for g in groups if (g.prefix > 0) == shared), key=lambda g: (g.prefix, g.length),
+                            reverse=True)
             current: list[_Group] = []
             rows = 0
             for group in chosen:
@@ -196,7 +197,8 @@ class Scorer:
         suffix_hidden = self.model.hidden_states(suffix_ids, cache=row_cache, lengths=suffix_lengths)
         width, prefix_width = suffix_ids.shape[1], prefix_ids.shape[1]
         offset = len(batch) * prefix_width
-        flat = torch.cat([prefix_hidden.reshape(-1, prefix_hidden.shape[-1]), suffix_hidden.reshape(-1, suffix_hidden.shape[-1])])
+        width_model = prefix_hidden.shape[-1]
+        flat = torch.cat([prefix_hidden.reshape(-1, width_model), suffix_hidden.reshape(-1, width_model)])
 
         def locate(row: int, position: int) -> int:
             group = owners[row]

@@ -118,7 +118,9 @@ class Task:
             try:
                 examples.append(self.build(row))
             except (KeyError, ValueError, TypeError, IndexError) as error:
-                raise DataError(f"task {self.name}: example {index} is malformed ({type(error).__name__}: {error})") from None
+                raise DataError(
+                    f"task {self.name}: example {index} is malformed ({type(error).__name__}: {error})"
+                ) from None
         return examples
 
 

@@ -183,12 +183,14 @@ class OpenBookQA(Task):
 
     def build(self, row):
         choices = row["choices"]
-        return multiple_choice(row["question_stem"], choices["text"], list(choices["label"]).index(row["answerKey"].lstrip()))
+        gold = list(choices["label"]).index(row["answerKey"].lstrip())
+        return multiple_choice(row["question_stem"], choices["text"], gold)
 
     def local_rows(self, data_dir):
+        labels = "ABCDEFGH"
         return [
-            {"question_stem": row["query"], "choices": {"text": row["choices"], "label": list("ABCDEFGH"[: len(row["choices"])])},
-             "answerKey": "ABCDEFGH"[int(row["gold"])]}
+            {"question_stem": row["query"], "answerKey": labels[int(row["gold"])],
+             "choices": {"text": row["choices"], "label": list(labels[: len(row["choices"])])}}
             for row in read_jsonl(data_dir / self.local_files[0])
         ]
 
@@ -206,7 +208,8 @@ class Lambada(Task):
     harness_file = "lambada/lambada_openai.yaml"
     hub = ("EleutherAI/lambada_openai", "default", "test")
     local_files = ("llmfoundry_icl/lambada_openai.jsonl",)
-    local_note = "llm-foundry's LAMBADA (OpenAI) test set (scripts/eval/local_data/language_understanding/lambada_openai.jsonl)"
+    local_note = ("llm-foundry's LAMBADA (OpenAI) test set "
+                  "(scripts/eval/local_data/language_understanding/lambada_openai.jsonl)")
 
     def build(self, row):
         words = row["text"].split(" ")
@@ -237,7 +240,8 @@ class COPA(Task):
     def build(self, row):
         connector = {"cause": "because", "effect": "therefore"}[row["question"]]
         context = row["premise"].strip()[:-1] + f" {connector}"
-        return multiple_choice(context, [" " + _copa_choice(row["choice1"]), " " + _copa_choice(row["choice2"])], int(row["label"]))
+        choices = [" " + _copa_choice(row["choice1"]), " " + _copa_choice(row["choice2"])]
+        return multiple_choice(context, choices, int(row["label"]))
 
     def local_rows(self, data_dir):
         rows = []

@@ -112,7 +112,7 @@ def export_model(
     temporary.mkdir(parents=True)
     try:
         token_ids = write_tokenizer_files(loaded.tokenizer, temporary, model_config.max_seq_len)
-        token_fields = {"bos_token_id": token_ids["bos"], "eos_token_id": token_ids["eos"], "pad_token_id": token_ids["pad"]}
+        token_fields = {f"{name}_token_id": token_ids[name] for name in ("bos", "eos", "pad")}
         config = {**architecture.config_dict(model_config), **token_fields,
                   "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype]}
         _write_json(temporary / "config.json", config)
@@ -126,6 +126,7 @@ def export_model(
             "architecture": architecture.name, "dtype": DTYPE_NAMES[dtype],
             "model": dataclasses.asdict(model_config),
         })
+        _readable_by_all(temporary)
         _replace_folder(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -135,6 +136,14 @@ def export_model(
     logger.info("exported %s (%s, %d parameters, %d weight file(s)) to %s", loaded.source, architecture.name,
                 parameters, shards, out)
     return ExportResult(out, architecture.name, sorted(p.name for p in out.iterdir()), parameters, shards)
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Give the files the permissions of any new file (safetensors writes its own as 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 def _replace_folder(temporary: Path, out: Path) -> None:

@@ -209,7 +209,7 @@ def load_model(
     path = Path(path)
     kind = model_kind(path)
     if step is not None and kind != "run":
-        raise ConfigError(f"--step picks a checkpoint of a run folder; {path} is a{'n' if kind == 'export' else ''} {kind} folder")
+        raise ConfigError(f"--step picks a checkpoint of a run folder; {path} is a {kind} folder, not a run folder")
     if kind == "export":
         model_config, state, step_number, tokens, what = _load_export(path)
         tokenizer_dir = Path(tokenizer) if tokenizer else path

@@ -5,11 +5,11 @@ added one, so `add_bos_token` is false and no post-processor adds tokens).
 
 A SentencePiece model is converted with the `tokenizers` library from its own protobuf (read here with a
 few lines of wire-format parsing, so no protobuf package is needed): the BPE merges (or unigram scores),
-byte fallback, the user-defined symbols (our trainer's newline) as added tokens matched after
-normalisation, and SentencePiece's normalisation (an optional precompiled character map, extra-whitespace
-removal, spaces to U+2581 and the dummy prefix). Control tokens (<unk>, <s>, </s>, <pad>) are special
-tokens that are *not* matched inside text (`split_special_tokens`), as in SentencePiece, which encodes
-the text "</s>" as characters.
+byte fallback, user-defined symbols kept whole (a one-character one, our trainer's newline, is a symbol
+no merge involves; longer ones are added tokens), and SentencePiece's normalisation (an optional
+precompiled character map, extra-whitespace removal, spaces to U+2581 and the dummy prefix). Control
+tokens (<unk>, <s>, </s>, <pad>) are special tokens that are *not* matched inside text
+(`split_special_tokens`), as in SentencePiece, which encodes the text "</s>" as characters.
 
 Known difference: a multi-character user-defined symbol (`tokenizer train --special-tokens`) is an added
 token, and `tokenizers` normalises the text after it as a new segment, so the text right after such a
@@ -98,7 +98,8 @@ def read_sentencepiece_model(model_file: Path) -> dict[str, Any]:
                 if field == 2:
                     model["precompiled_charsmap"] = item
                 elif field in (3, 4, 5):
-                    model[{3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}[field]] = bool(item)
+                    names = {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
+                    model[names[field]] = bool(item)
     return model
 
 
@@ -127,8 +128,9 @@ def sentencepiece_to_tokenizers(model_file: Path):
     unk_id = next((index for index, (_, _, kind) in enumerate(pieces) if kind == UNKNOWN), None)
     if spec["model_type"] == BPE_MODEL:
         mergeable = {piece for piece, _, kind in pieces if kind in (NORMAL, UNUSED)}
-        model = models.BPE(vocab, _bpe_merges(vocab, mergeable), unk_token=pieces[unk_id][0] if unk_id is not None else None,
-                           fuse_unk=True, byte_fallback=spec["byte_fallback"])
+        unk_token = pieces[unk_id][0] if unk_id is not None else None
+        model = models.BPE(vocab, _bpe_merges(vocab, mergeable), unk_token=unk_token, fuse_unk=True,
+                           byte_fallback=spec["byte_fallback"])
     elif spec["model_type"] == UNIGRAM_MODEL:
         # SentencePiece never segments text into control or byte pieces; a unigram lattice would match
         # "<s>" or "<0x41>" written in the text, so they get a score no segmentation can prefer.

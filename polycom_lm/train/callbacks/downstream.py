@@ -81,7 +81,9 @@ class DownstreamEvaluationCallback(Callback):
         engine = trainer.engine
         plain = engine.unwrapped_model()
         replicated = _replicated(plain, self.config)
-        with trainer.autocast():
+        # Compiled blocks (training.compile) run eagerly here: the cached, padded inference shapes would
+        # only add recompilations next to the training graph.
+        with trainer.autocast(), torch.compiler.set_stance("force_eager"):
             run = evaluate(
                 plain if replicated else engine.model, self.tokenizer, self.tasks,
                 max_length=self.config.model.max_seq_len, batch_size=self.settings.batch_size,

@@ -53,7 +53,8 @@ def downstream_line(rows: list[dict[str, Any]]) -> str:
     by_task: dict[str, list[str]] = {}
     for row in rows:
         by_task.setdefault(row["task"], []).append(f"{row['metric']} {row['value']:.4g}")
-    return f"step {rows[0]['step']}: downstream " + ", ".join(f"{task} {' '.join(parts)}" for task, parts in by_task.items())
+    summary = ", ".join(f"{task} {' '.join(parts)}" for task, parts in by_task.items())
+    return f"step {rows[0]['step']}: downstream {summary}"
 
 
 class ConsoleLogCallback(Callback):
