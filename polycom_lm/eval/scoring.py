@@ -150,7 +150,8 @@ class Scorer:
         batches = self._batches(planned)
         total = forward_count(len(batches)) if forward_count is not None else len(batches)
         results: list[Optional[Scored]] = [None] * len(flat)
-        with torch.inference_mode():
+        # A sharding engine's buffers must stay ordinary tensors for the training steps that follow.
+        with torch.no_grad() if self.wrapped else torch.inference_mode():
             for batch in batches:
                 for index, scored in (self._run_shared(batch) if batch[0].prefix else self._run_plain(batch)):
                     results[index] = scored

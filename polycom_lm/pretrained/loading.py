@@ -11,6 +11,7 @@ weights. The weights must match the config exactly; anything else is one `Checkp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -224,7 +225,9 @@ def load_model(
     except PolycomError as error:
         raise DataError(f"tokenizer of {path}: {error}") from None
     check_vocab(loaded_tokenizer.vocab_size, model_config.vocab_size, f"tokenizer {tokenizer_dir}")
-    model = build_loaded_model(model_config, state, what, device, dtype)
+    # Inference feeds ever-new shapes (padded batches of varying widths); oneDNN compiles a kernel for
+    # each new shape, so its fp32 CPU path loses to ATen's here (`scripts/bench_eval.py`, model.linear_impl).
+    model = build_loaded_model(dataclasses.replace(model_config, linear_impl="aten"), state, what, device, dtype)
     logger.info("loaded %s model %s (step %s, %s, %s)", kind, path, step_number, model_config.family,
                 model_config.activation)
     return LoadedModel(model, model_config, loaded_tokenizer, path, kind, step_number, tokens)
