@@ -44,7 +44,11 @@ class TransformerBlock(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         cache: Optional[LayerKVCache] = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask, cache)
+        if cache is None:
+            # Exactly four positional inputs: the sequence-parallel plan prepares these (tensor_parallel.py).
+            h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask)
+        else:
+            h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask, cache=cache)
         return h + self.ffn(self.ffn_norm(h))
 
     def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
