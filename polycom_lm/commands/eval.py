@@ -36,6 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--no-context-sharing", action="store_true",
                         help="run every request's whole input (no shared-prefix KV cache); slower, for comparison")
+    parser.add_argument("--harness-tasks", type=Path, default=None, metavar="DIR",
+                        help="also write lm-evaluation-harness task configs for the same examples into DIR "
+                             "(its own task files, local data), and print the lm_eval command that runs them")
     parser.set_defaults(func=run)
 
 
@@ -63,6 +66,18 @@ def _write_json_atomically(path: Path, document: dict) -> None:
     os.replace(temporary, path)
 
 
+def _write_harness_tasks(args: argparse.Namespace, tasks: list) -> None:
+    from polycom_lm.eval.harness import write_harness_tasks
+
+    try:
+        names = write_harness_tasks({task: task.rows(args.data_dir)[: args.limit] for task in tasks}, args.harness_tasks)
+    except ImportError:
+        raise ConfigError("--harness-tasks needs lm-evaluation-harness: pip install -e .[eval]") from None
+    print(f"wrote lm-evaluation-harness tasks to {args.harness_tasks}; run them on an exported folder with:\n"
+          f"  lm_eval --model hf --model_args pretrained=EXPORTED_DIR,trust_remote_code=True,dtype=float32 "
+          f"--include_path {args.harness_tasks} --tasks {','.join(names)} --device cpu --batch_size {args.batch_size}")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -82,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         tasks = {get_task(name): None for name in names}
         for task in tasks:  # data problems surface before the model is loaded
             tasks[task] = task.examples(args.data_dir, args.limit)
+        if args.harness_tasks is not None and rank == 0:
+            _write_harness_tasks(args, list(tasks))
         loaded = load_from_arguments(args, device, DTYPES[args.dtype])
 
         def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -99,3 +99,14 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(run_cli, tiny_run, eva
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
     message = one_line_error(run_cli("eval", str(tiny_run), "--tasks", "piqa", "--step", "7", *common, check=False))
     assert "no checkpoint for step 7; available steps: 2" in message
+
+
+def test_harness_tasks_are_written_for_the_same_rows(run_cli, tiny_export, eval_data, tmp_path):
+    pytest.importorskip("lm_eval")
+    process = run_cli("eval", str(tiny_export), "--tasks", "piqa,copa", "--data-dir", str(eval_data), "--limit", "3",
+                      "--device", "cpu", "--harness-tasks", str(tmp_path / "harness"))
+    assert f"--include_path {tmp_path / 'harness'} --tasks polycom_piqa,polycom_copa" in process.stdout
+    import yaml
+    config = yaml.safe_load((tmp_path / "harness" / "copa.yaml").read_text())
+    assert config["include"].endswith("lm_eval/tasks/super_glue/copa/default.yaml") and config["task"] == "polycom_copa"
+    assert len((tmp_path / "harness" / "piqa.jsonl").read_text().splitlines()) == 3
