@@ -7,8 +7,6 @@ hub's, `local_rows` converts them and says what can differ.
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Any
 
 from polycom_lm.eval.task import (
     LOGLIKELIHOOD,
