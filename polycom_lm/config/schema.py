@@ -198,12 +198,18 @@ class DistributedConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    wandb_project: str = "polycom_lm"
+    # wandb: a key set here wins; a key left unset (None) leaves the choice to wandb's own environment
+    # variable (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_NAME, WANDB_TAGS, WANDB_DIR),
+    # and only when that is unset too does our default apply: mode offline, project polycom_lm, group the
+    # experiment name, run name and folder the run's output folder. The activation and model family are
+    # always added to the tags.
+    wandb_mode: Optional[Literal["offline", "online", "disabled"]] = None
+    wandb_project: Optional[str] = None
     wandb_entity: Optional[str] = None
-    wandb_group: Optional[str] = None  # None: the experiment name
+    wandb_group: Optional[str] = None
     wandb_run_name: Optional[str] = None
-    wandb_tags: list[str] = field(default_factory=list)
+    wandb_tags: Optional[list[str]] = None
+    wandb_dir: Optional[str] = None
     tensorboard: bool = False
     progress_bar: bool = True
     log_activation_coefficients: bool = True  # PolyNorm / PolyReLU coefficients of every layer, every log step

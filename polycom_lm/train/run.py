@@ -27,6 +27,7 @@ from polycom_lm.train.callbacks import (
     TensorBoardCallback,
     WandbCallback,
 )
+from polycom_lm.train.callbacks.wandb import wandb_mode
 from polycom_lm.train.flops import peak_flops, training_flops_per_token
 from polycom_lm.train.loop import Callback, Trainer
 from polycom_lm.train.optim import build_optimizer, build_schedule
@@ -179,7 +180,7 @@ def run_training(
         recorder = _EvaluationRecorder()
         if is_main:
             callbacks.append(MetricsFileCallback(output_dir / METRICS_FILE))
-            if config.logging.wandb_mode != "disabled":
+            if wandb_mode(config.logging) != "disabled":  # the config's mode, else WANDB_MODE, else offline
                 callbacks.append(WandbCallback(config, output_dir))
             if config.logging.tensorboard:
                 callbacks.append(TensorBoardCallback(output_dir / "tensorboard"))

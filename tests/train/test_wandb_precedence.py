@@ -1,0 +1,103 @@
+"""Who decides wandb's settings: a key set in the config, else wandb's own environment variable, else our
+default (offline mode, project polycom_lm, ...). Checked on the `wandb.init` arguments and on real wandb
+runs in offline and disabled mode (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from polycom_lm.config import LoggingConfig
+from polycom_lm.train import run_training
+from polycom_lm.train.callbacks.wandb import WandbCallback, wandb_mode, wandb_settings
+from trainer_test_helpers import load, run_config
+
+ENVIRONMENT = {
+    "WANDB_MODE": "online",
+    "WANDB_PROJECT": "env_project",
+    "WANDB_ENTITY": "env_entity",
+    "WANDB_RUN_GROUP": "env_group",
+    "WANDB_NAME": "env_name",
+    "WANDB_TAGS": "env_a,env_b",
+    "WANDB_DIR": "/env/dir",
+}
+
+
+def _config(prepared_data, tmp_path, logging: dict):
+    raw = run_config(prepared_data, tmp_path / "run")
+    raw["logging"] = {"progress_bar": False, **logging}
+    return load(raw)
+
+
+def test_keys_set_in_the_config_win_over_the_environment(prepared_data, tmp_path):
+    config = _config(prepared_data, tmp_path, {
+        "wandb_mode": "disabled", "wandb_project": "p", "wandb_entity": "e", "wandb_group": "g",
+        "wandb_run_name": "n", "wandb_tags": ["t"], "wandb_dir": str(tmp_path / "d")})
+    settings = wandb_settings(config, tmp_path / "run", environ=ENVIRONMENT)
+    assert {key: settings[key] for key in ("mode", "project", "entity", "group", "name", "dir")} == {
+        "mode": "disabled", "project": "p", "entity": "e", "group": "g", "name": "n", "dir": str(tmp_path / "d")}
+    assert settings["tags"] == ["t", "polynorm", "dense"]
+    assert wandb_mode(config.logging, ENVIRONMENT) == "disabled"
+
+
+def test_unset_keys_leave_the_choice_to_wandbs_environment(prepared_data, tmp_path):
+    config = _config(prepared_data, tmp_path, {})
+    settings = wandb_settings(config, tmp_path / "run", environ=ENVIRONMENT)
+    # None: wandb.init reads the variable itself (init arguments would override it).
+    assert [settings[key] for key in ("mode", "project", "entity", "group", "name", "dir")] == [None] * 6
+    assert settings["tags"] == ["env_a", "env_b", "polynorm", "dense"]  # init's tags replace WANDB_TAGS: kept
+    assert wandb_mode(config.logging, ENVIRONMENT) == "online"
+    assert wandb_mode(config.logging, {"WANDB_MODE": "dryrun"}) == "offline"
+    assert wandb_mode(config.logging, {"WANDB_MODE": "disabled"}) == "disabled"
+
+
+def test_offline_is_the_default_only_when_neither_config_nor_environment_says(prepared_data, tmp_path):
+    config = _config(prepared_data, tmp_path, {})
+    settings = wandb_settings(config, tmp_path / "run", environ={"WANDB_API_KEY": "unrelated"})
+    assert (settings["mode"], settings["project"], settings["entity"]) == ("offline", "polycom_lm", None)
+    assert (settings["group"], settings["name"], settings["dir"]) == ("trainer_test", "run", str(tmp_path / "run"))
+    assert settings["tags"] == ["polynorm", "dense"]
+    assert wandb_mode(LoggingConfig(), {}) == "offline"
+
+
+def test_a_real_offline_run_takes_project_group_name_and_folder_from_the_environment(prepared_data, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    environment = {"WANDB_MODE": "offline", "WANDB_PROJECT": "from_env", "WANDB_RUN_GROUP": "env_group",
+                   "WANDB_NAME": "env_name", "WANDB_DIR": str(tmp_path / "wandb_home")}
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    config = _config(prepared_data, tmp_path, {"wandb_tags": ["mine"]})
+    output = tmp_path / "run"
+    output.mkdir()
+    callback = WandbCallback(config, output)
+    callback.on_train_start(trainer=None)
+    try:
+        run = callback._run
+        assert (run.project, run.group, run.name) == ("from_env", "env_group", "env_name")
+        assert set(run.tags) == {"mine", "polynorm", "dense"}
+        assert run.settings.mode == "offline"
+    finally:
+        callback.close()
+    assert list((tmp_path / "wandb_home" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert not (output / "wandb").exists()
+
+
+@pytest.mark.parametrize("config_mode, environment_mode, expect_files", [
+    (None, "disabled", False),  # the environment decides
+    (None, None, True),  # neither: offline
+    ("offline", "disabled", True),  # the config wins
+])
+def test_a_training_run_writes_wandb_files_exactly_when_the_resolved_mode_is_not_disabled(
+        prepared_data, tmp_path, monkeypatch, config_mode, environment_mode, expect_files):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for key in ENVIRONMENT:
+        monkeypatch.delenv(key, raising=False)
+    if environment_mode is not None:
+        monkeypatch.setenv("WANDB_MODE", environment_mode)
+    raw = run_config(prepared_data, tmp_path / "run", max_steps=1, eval_every_steps=0, save_every_steps=0)
+    raw["logging"] = {"progress_bar": False, **({"wandb_mode": config_mode} if config_mode else {})}
+    run_training(load(raw))
+    found = list(Path(tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert bool(found) == expect_files
