@@ -124,6 +124,9 @@ class DataConfig:
     # or "blank_lines" (one or more blank lines separate documents).
     document_delimiter: Optional[str] = None
     decode_errors: Literal["strict", "replace"] = "strict"  # bad UTF-8: an error naming file and byte, or U+FFFD
+    # normalize: \r\n and lone \r become \n in every document (as Python's text mode reads files); keep: as
+    # decoded. A UTF-8 byte order mark at the start of a file is dropped either way.
+    newlines: Literal["normalize", "keep"] = "normalize"
     document_masks: bool = False  # packed documents attend only within themselves (block-diagonal causal mask)
 
 

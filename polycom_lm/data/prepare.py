@@ -77,7 +77,8 @@ class _Preparer:
         self.config = config
         self.build = build
         self.cache = Path(config.cache_dir).expanduser()
-        self.options = SourceOptions(config.text_field, config.document_delimiter, config.decode_errors)
+        self.options = SourceOptions(config.text_field, config.document_delimiter, config.decode_errors,
+                                     config.newlines)
 
     def _missing(self, what: str, path: Path) -> DataError:
         return DataError(f"{what} is not in the cache at {path}; the main process should have prepared it "

@@ -30,14 +30,27 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9_+-]*):(?!//)")
 class SourceOptions:
     """How raw files are read. `document_delimiter`: None (one document per text file), a line that
     separates documents (e.g. `<|endoftext|>`), or `blank_lines`. `decode_errors`: `strict` (bad UTF-8
-    is an error naming file and byte offset) or `replace` (U+FFFD)."""
+    is an error naming file and byte offset) or `replace` (U+FFFD). `newlines`: `normalize` (`\r\n` and
+    lone `\r` become `\n` in every document, as Python's text mode reads files) or `keep`."""
 
     text_field: str = "text"
     document_delimiter: Optional[str] = None
     decode_errors: str = "strict"
+    newlines: str = "normalize"
+
+    def __post_init__(self) -> None:
+        if self.newlines not in files.NEWLINE_MODES:
+            raise DataError(f"newlines={self.newlines!r} is invalid; use {' or '.join(files.NEWLINE_MODES)}")
 
     def describe(self) -> str:
-        return f"text_field={self.text_field!r} delimiter={self.document_delimiter!r} decode_errors={self.decode_errors}"
+        # Part of every cache key: shards made with other reading settings (or before a setting existed)
+        # are never reused.
+        return (f"text_field={self.text_field!r} delimiter={self.document_delimiter!r} "
+                f"decode_errors={self.decode_errors} newlines={self.newlines}")
+
+    def clean(self, text: str) -> str:
+        """A document as the settings want it (see `newlines`)."""
+        return files.normalize_newlines(text) if self.newlines == "normalize" else text
 
 
 class Source:
@@ -58,7 +71,7 @@ class Source:
         empty = True
         for document in self._documents():
             empty = False
-            yield document
+            yield self.options.clean(document)
         if empty:
             raise DataError(f"source {self.spec!r} yielded no documents")
 
@@ -101,7 +114,7 @@ class FileSource(Source):
     def _documents(self) -> Iterator[str]:
         for path in self.paths:
             yield from files.read_file(path, self.options.text_field, self.options.document_delimiter,
-                                       self.options.decode_errors)
+                                       self.options.decode_errors, self.options.newlines)
 
 
 @SOURCES.register("hf")
@@ -127,7 +140,7 @@ class HuggingFaceSource(Source):
         if Path(self.name).exists():
             stats = sorted(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in Path(self.name).rglob("*") if p.is_file())
             detail = f" [{'; '.join(stats)}]"
-        return f"hf name={self.name} config={self.config_name} split={self.split} text_field={self.options.text_field!r}{detail}"
+        return f"hf name={self.name} config={self.config_name} split={self.split} {self.options.describe()}{detail}"
 
     def _load(self):
         import datasets
@@ -172,7 +185,7 @@ class PydocSource(Source):
             raise DataError(f"source {spec!r}: split must be train or validation (builtin:pydoc[:train|:validation])")
 
     def describe(self) -> str:
-        return f"{pydoc_corpus.description()} split={self.split}"
+        return f"{pydoc_corpus.description()} split={self.split} {self.options.describe()}"
 
     def _documents(self) -> Iterator[str]:
         return pydoc_corpus.iter_documents(self.split)
