@@ -23,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "token file, document offsets and a JSON manifest. Streaming, deterministic whatever --workers, "
                     "written under a temporary name and renamed when complete.")
     add_source_arguments(parser)
-    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (tokenizer.model or tokenizer.json)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="tokenizer folder (tokenizer.model or tokenizer.json) or Hugging Face hub id "
+                             "(e.g. EleutherAI/gpt-neox-20b, resolved through the local Hugging Face cache)")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--workers", type=int, default=1, help="tokeniser processes")
     held_out = parser.add_mutually_exclusive_group()
@@ -38,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from polycom_lm.data.hub import resolve_tokenizer_path
     from polycom_lm.data.preprocess import preprocess
     from polycom_lm.data.shards import read_manifest
 
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         state["bar"].update(tokens)
 
     try:
-        outputs = preprocess(args.source, Path(args.tokenizer), Path(args.out), workers=args.workers,
+        outputs = preprocess(args.source, resolve_tokenizer_path(args.tokenizer), Path(args.out), workers=args.workers,
                              val_fraction=args.val_fraction, val_sources=args.val_source,
                              options=source_options(args), progress=None if args.no_progress else progress)
     finally:

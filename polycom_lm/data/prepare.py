@@ -4,8 +4,9 @@ Each entry of `data.train` / `data.validation` is either a prepared shard folder
 manifest), a folder made by `polycom-lm preprocess` (holding `train/` and maybe `validation/`), or a raw
 source. Raw sources are tokenised into `data.cache_dir`, under a key hashed from (source description,
 tokenizer identity, reading settings), so later runs reuse them; the source description includes file
-sizes and modification times, so edited files are re-tokenised. Without `data.tokenizer.path` a
-SentencePiece model is trained on the first raw training source and cached the same way.
+sizes and modification times, so edited files are re-tokenised. `data.tokenizer.path` is a tokenizer
+folder or a Hugging Face hub id (`hub.py`); without it a SentencePiece model is trained on the first raw
+training source and cached the same way.
 
 Only the main process builds; the others wait at `barrier()` and then find everything in the cache
 (`cache_dir` must therefore be visible to every process that calls this). A lock file per cache entry
@@ -24,6 +25,7 @@ from typing import Callable, Iterator, Optional
 
 from polycom_lm.config import DataConfig
 from polycom_lm.data import shards
+from polycom_lm.data.hub import resolve_tokenizer_path
 from polycom_lm.data.preprocess import preprocess
 from polycom_lm.data.sources import SourceOptions, open_source
 from polycom_lm.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
@@ -88,7 +90,7 @@ class _Preparer:
         settings = self.config.tokenizer
         if settings.path:
             try:
-                return load_tokenizer(Path(settings.path).expanduser())
+                return load_tokenizer(resolve_tokenizer_path(settings.path))
             except DataError as error:
                 raise DataError(f"data.tokenizer.path: {error}") from None
         raw = [entry.source for entry in self.config.train if _prepared_folder(entry.source) is None]
