@@ -85,17 +85,23 @@ class ModelConfig:
 
 @dataclass
 class DataSourceConfig:
-    """One training data source: a prepared shard folder, or a raw source that gets tokenised and cached
-    (a path / glob / directory, `hf:NAME[:CONFIG][:SPLIT]`, or `builtin:pydoc`)."""
+    """One training data source: a prepared shard folder, or a raw source (a path / glob / directory,
+    `hf:NAME[:CONFIG][:SPLIT]`, or `builtin:pydoc`) that is tokenised into the cache before training, or
+    on the fly while training (`streaming`)."""
 
     source: str = ""
     weight: float = 1.0
+    # Token budget: the source is its first max_tokens tokens (documents in order, the last one cut); the
+    # cache holds only those, and a stream starts its next epoch there. None: the whole source.
+    max_tokens: Optional[int] = None
+    streaming: Optional[bool] = None  # None: data.streaming
 
 
 @dataclass
 class ValidationSetConfig:
     name: str = ""
     source: str = ""
+    max_tokens: Optional[int] = None  # tokenise (and keep) only the first max_tokens tokens; None: all
 
 
 @dataclass
@@ -116,6 +122,13 @@ class DataConfig:
     validation: list[ValidationSetConfig] = field(default_factory=list)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cache_dir: str = ".cache/polycom_lm/data"
+    # Raw training sources: tokenise on the fly while training (true) instead of into cache_dir before step
+    # 1 (false); data.train[].streaming overrides it per source. Validation sets are always cached.
+    streaming: bool = False
+    stream_workers: int = 2  # tokeniser processes per rank for streamed sources (0: in the reader process)
+    # Preprocessed sources: visit each epoch's samples in a seeded random order (true) or in file order.
+    # Streamed sources are read in their own order either way.
+    shuffle: bool = True
     # For a raw training source without explicit validation sets: hold out this fraction of documents.
     val_fraction: float = 0.0
     preprocess_workers: int = 2

@@ -139,6 +139,13 @@ def read_shard(path: Path) -> Shard:
     return Shard(path=path, manifest=manifest, tokens=tokens, offsets=offsets)
 
 
+def document_ids(shard: Shard, start: int, length: int) -> np.ndarray:
+    """Per-token document number of tokens [start, start + length) of `shard`, starting at 0: [length] int64."""
+    positions = np.arange(start, start + length, dtype=np.int64)
+    documents = np.searchsorted(shard.offsets, positions, side="right") - 1
+    return documents - documents[0]
+
+
 class ShardWriter:
     """Streams documents into a shard folder under construction (`<final>.partial` inside a temporary
     parent), so memory stays flat. `finish()` writes the manifest; the caller renames the parent."""

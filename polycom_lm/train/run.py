@@ -28,6 +28,7 @@ from polycom_lm.train.callbacks import (
     WandbCallback,
 )
 from polycom_lm.train.callbacks.wandb import wandb_mode
+from polycom_lm.train.data_position import load_data_position, save_data_position
 from polycom_lm.train.flops import peak_flops, training_flops_per_token
 from polycom_lm.train.loop import Callback, Trainer
 from polycom_lm.train.optim import build_optimizer, build_schedule
@@ -153,16 +154,18 @@ def run_training(
     import_engines(config.distributed.backend)
     engine = build_engine(config, device)
     callbacks: list[Callback] = []
+    dataset = None
     try:
         rank = _global_rank()
         is_main = rank == 0
-        from polycom_lm.data import PackedDataset, check_vocab, prepare_run_data
+        from polycom_lm.data import build_train_dataset, check_vocab, prepare_run_data
 
         # A missing data folder or a vocabulary mismatch fails before the output folder is touched.
         data = prepare_run_data(config.data, is_main_process=is_main, barrier=_barrier)
         check_vocab(data.vocab_size, config.model.vocab_size, "model.vocab_size")
-        dataset = PackedDataset(
-            data.train, config.training.seq_len, config.training.seed, document_ids=config.data.document_masks
+        dataset = build_train_dataset(
+            data.train, data.tokenizer_dir, config.training.seq_len, config.training.seed,
+            document_ids=config.data.document_masks, shuffle=config.data.shuffle, workers=config.data.stream_workers,
         )
 
         setup_model(config, engine)
@@ -170,6 +173,7 @@ def run_training(
         state = checkpoints.TrainerState(world_size=world_size)
         if plan.resume_from is not None:
             state = _resume(engine, plan.resume_from, rank, world_size, config.training.seed, trust_checkpoint)
+            load_data_position(plan.resume_from, dataset, rank)  # a stream's position (PackedDataset has none)
         # Only now, with data, model and checkpoint known to be good, does the output folder change.
         if is_main:
             prepare_output(plan, config, state.step)
@@ -197,8 +201,12 @@ def run_training(
 
         def save(trainer: Trainer) -> None:
             trainer.state.world_size = world_size
+            def save_state(folder: Path) -> None:
+                engine.save_checkpoint(folder)
+                save_data_position(folder, dataset, rank)
+
             checkpoints.save_checkpoint(
-                checkpoints_dir, trainer.state, engine.save_checkpoint, rank=rank, barrier=_barrier,
+                checkpoints_dir, trainer.state, save_state, rank=rank, barrier=_barrier,
                 keep_last=config.training.keep_last_checkpoints,
             )
 
@@ -231,6 +239,8 @@ def run_training(
                 callback.close()
             except Exception:  # closing one sink must not hide the error that ended training
                 logger.exception("closing %s failed", type(callback).__name__)
+        if dataset is not None:
+            dataset.close()  # a streaming dataset's reader and tokeniser processes
         engine.close()
 
 
