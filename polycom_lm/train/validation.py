@@ -115,7 +115,20 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
     if not config.data.train:
         raise ConfigError("data.train is empty; name at least one source (e.g. builtin:pydoc or a shard folder)")
     _check_registered(config)
+    _check_optional_packages(config)
     return layout
+
+
+def _check_optional_packages(config: Config) -> None:
+    """Features whose package is an extra, left out of the training-only install (`setup_env.sh train`)."""
+    import importlib.util
+
+    wanted = {"deepspeed": ("distributed.backend=deepspeed", config.distributed.backend == "deepspeed"),
+              "tensorboard": ("logging.tensorboard=true", config.logging.tensorboard)}
+    for package, (setting, used) in wanted.items():
+        if used and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{setting} needs the {package} package, which is not installed; "
+                              f"pip install 'polycom_lm[{package}]' (or bash scripts/setup_env.sh for every extra)")
 
 
 def _validate_schedule(config: Config) -> None:

@@ -80,7 +80,7 @@ def test_a_real_offline_run_takes_project_group_name_and_folder_from_the_environ
         assert run.settings.mode == "offline"
     finally:
         callback.close()
-    assert list((tmp_path / "wandb_home" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert list((tmp_path / "wandb_home").rglob("offline-run-*/run-*.wandb"))  # WANDB_DIR, not the run's folder
     assert not (output / "wandb").exists()
 
 

@@ -93,8 +93,10 @@ class WandbCallback(Callback):
         else:
             settings["id"] = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             id_file.write_text(settings["id"] + "\n", encoding="utf-8")
-        if settings["dir"] is not None:
-            Path(settings["dir"]).mkdir(parents=True, exist_ok=True)
+        # wandb writes into a temporary folder instead when its folder is missing (before 0.18 silently).
+        directory = settings["dir"] or os.environ.get("WANDB_DIR", "").strip()
+        if directory:
+            Path(directory).expanduser().mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(**settings)
         logger.info("wandb %s run %s (project %s, group %s)", wandb_mode(self.config.logging), settings["id"],
                     self._run.project, self._run.group)
