@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "config",
         help="print the fully resolved config (base files and overrides applied, validated) as YAML",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        description="Print the fully resolved config as YAML, after the checks `train` runs before it starts: "
+                    "what `train` would run. Nothing is built, downloaded or written.",
     )
     parser.add_argument("config", help="experiment YAML file (may inherit with `base:`)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

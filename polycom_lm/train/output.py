@@ -33,6 +33,7 @@ OPERATIONAL_KEYS = (
     "training.device",
     "training.profile_",
     "data.preprocess_workers",
+    "data.stream_workers",  # the stream's order does not depend on it
     "distributed.timeout_minutes",
 )
 

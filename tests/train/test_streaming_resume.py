@@ -1,7 +1,8 @@
 """Streaming for real: a training process that tokenises a jsonl file on the fly, killed with SIGKILL and
 restarted, resumes at the same position in the stream, and its losses equal, bitwise, those of a run on the
-same file tokenised offline into the cache (`data.shuffle: false`, so both read in file order). The killed
-run's reader and tokeniser processes die with it."""
+same file tokenised offline into the cache (`data.shuffle: false`, so both read in file order), even when
+the resumed run tokenises with another number of processes. The killed run's reader and tokeniser
+processes die with it."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def corpus_and_tokenizer(tmp_path_factory):
     return root / "corpus.jsonl", root / "tokenizer"
 
 
-def _config(corpus_and_tokenizer, folder, name, streaming):
+def _config(corpus_and_tokenizer, folder, name, streaming, stream_workers=1):
     corpus, tokenizer = corpus_and_tokenizer
     raw = {
         "base": str(REPO / "configs" / "model" / "tiny.yaml"),
@@ -48,7 +49,7 @@ def _config(corpus_and_tokenizer, folder, name, streaming):
         "model": {"activation": "polynorm", "max_seq_len": 64},
         "data": {"train": [{"source": str(corpus), "max_tokens": 6000}], "tokenizer": {"path": str(tokenizer)},
                  "cache_dir": str(folder / "cache"), "streaming": streaming, "shuffle": False,
-                 "stream_workers": 1, "preprocess_workers": 1},
+                 "stream_workers": stream_workers, "preprocess_workers": 1},
         "optimizer": {"lr": 3e-3},
         "schedule": {"name": "cosine", "warmup_steps": 1},
         "training": {"output_dir": str(folder / name), "max_steps": MAX_STEPS, "seq_len": 32,
@@ -90,7 +91,10 @@ def test_sigkilled_streaming_run_resumes_in_place_and_equals_the_offline_run(cor
     _, alive = psutil.wait_procs(helpers, timeout=30)
     assert not alive, "the stream's processes outlived the killed trainer"
 
-    run_cli("train", str(streamed), "--no-progress")  # same command: resumes from `latest`
+    # Resume with the tokenising done in the reader process itself: the stream's order does not depend on
+    # the number of tokenisers (an operational key: the same command resumes without --resume).
+    _config(corpus_and_tokenizer, tmp_path, "streamed", streaming=True, stream_workers=0)
+    run_cli("train", str(streamed), "--no-progress")
 
     resumed = _losses(tmp_path / "streamed")
     assert [step for step, *_ in resumed] == list(range(1, MAX_STEPS + 1))
