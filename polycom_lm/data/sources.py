@@ -187,8 +187,10 @@ class FileSource(Source):
 
 
 class _DatasetStream(DocumentStream):
-    """A `datasets.IterableDataset`: ranks get whole files when their number divides among the ranks, else
-    every `world_size`-th row (`split_dataset_by_node`); the position is the library's `state_dict()`."""
+    """A `datasets.IterableDataset`: ranks get whole files (rank `r` the `r`-th contiguous block) when there
+    are at least as many files as ranks, else every `world_size`-th row; the position is the library's
+    `state_dict()`. (Reading whole files keeps each rank from downloading what the others read; the blocks
+    differ by one file at most, and each rank's stream starts its next epoch on its own.)"""
 
     def __init__(self, source: "HuggingFaceSource", rank: int, world_size: int, position: Optional[dict] = None):
         super().__init__(source, rank, world_size)
@@ -271,9 +273,14 @@ class HuggingFaceSource(Source):
         if key not in self._iterables:
             dataset = self._load(iterable=True)
             if world_size > 1:
-                from datasets.distributed import split_dataset_by_node
+                files = getattr(dataset, "num_shards", getattr(dataset, "n_shards", 1))
+                if files % world_size and files >= world_size and hasattr(dataset, "shard"):
+                    # split_dataset_by_node would give every rank every file and keep one row in world_size.
+                    dataset = dataset.shard(num_shards=world_size, index=rank, contiguous=True)
+                else:
+                    from datasets.distributed import split_dataset_by_node
 
-                dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+                    dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
             self._iterables[key] = (dataset, dataset.state_dict())
         return self._iterables[key]
 

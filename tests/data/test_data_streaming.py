@@ -144,6 +144,27 @@ def test_each_rank_streams_a_disjoint_deterministic_share(tmp_path, tiny_tokeniz
             np.testing.assert_array_equal(a, b)
 
 
+def test_ranks_of_a_many_file_dataset_read_whole_disjoint_files(tmp_path, tiny_tokenizer):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    parts = [DOCUMENTS[i::5] for i in range(5)]  # five files over two ranks: 3 + 2, not every second row
+    for index, part in enumerate(parts):
+        (folder / f"part{index}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in part))
+    source = open_source(f"hf:{folder}", SourceOptions())
+    if not hasattr(source._iterable(0, 2)[0], "shard"):
+        pytest.skip("this datasets version has no IterableDataset.shard: rows are dealt instead")
+    shares = [list(source.stream(rank, 2)) for rank in range(2)]
+    assert shares == [parts[0] + parts[1] + parts[2], parts[3] + parts[4]]  # whole files, in file order
+    again = open_source(f"hf:{folder}", SourceOptions())
+    assert list(again.stream(1, 2)) == shares[1]  # deterministic
+    stream = again.stream(0, 2)
+    documents = iter(stream)
+    head = [next(documents) for _ in range(len(parts[0]) + 3)]  # into the second file
+    position = json.loads(json.dumps(stream.position()))
+    assert head + list(open_source(f"hf:{folder}", SourceOptions()).stream(0, 2, position)) == shares[0]
+
+
 def test_a_mixture_of_streams_and_a_shard_folder_equals_the_offline_mixture(tmp_path, tiny_tokenizer):
     first = write_source(tmp_path / "a", "jsonl", DOCUMENTS[:120])
     second = write_source(tmp_path / "b", "parquet", DOCUMENTS[120:])

@@ -4,14 +4,17 @@ runs in offline and disabled mode (no network)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from polycom_lm.config import LoggingConfig
 from polycom_lm.train import run_training
-from polycom_lm.train.callbacks.wandb import WandbCallback, wandb_mode, wandb_settings
-from trainer_test_helpers import load, run_config
+from polycom_lm.train.callbacks.wandb import wandb_mode, wandb_settings
+from trainer_test_helpers import cli_environment, load, run_config, write_config
 
 ENVIRONMENT = {
     "WANDB_MODE": "online",
@@ -61,27 +64,33 @@ def test_offline_is_the_default_only_when_neither_config_nor_environment_says(pr
     assert wandb_mode(LoggingConfig(), {}) == "offline"
 
 
-def test_a_real_offline_run_takes_project_group_name_and_folder_from_the_environment(prepared_data, tmp_path,
-                                                                                     monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    environment = {"WANDB_MODE": "offline", "WANDB_PROJECT": "from_env", "WANDB_RUN_GROUP": "env_group",
-                   "WANDB_NAME": "env_name", "WANDB_DIR": str(tmp_path / "wandb_home")}
-    for key, value in environment.items():
-        monkeypatch.setenv(key, value)
-    config = _config(prepared_data, tmp_path, {"wandb_tags": ["mine"]})
-    output = tmp_path / "run"
-    output.mkdir()
-    callback = WandbCallback(config, output)
-    callback.on_train_start(trainer=None)
-    try:
-        run = callback._run
-        assert (run.project, run.group, run.name) == ("from_env", "env_group", "env_name")
-        assert set(run.tags) == {"mine", "polynorm", "dense"}
-        assert run.settings.mode == "offline"
-    finally:
-        callback.close()
+def test_a_real_offline_run_takes_project_group_name_and_folder_from_the_environment(prepared_data, tmp_path):
+    # A fresh process, as in a job script: wandb reads its environment once per process, at its first setup.
+    raw = run_config(prepared_data, tmp_path / "run")
+    raw["logging"] = {"progress_bar": False, "wandb_tags": ["mine"]}
+    config_path = write_config(tmp_path / "config.yaml", raw)
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from polycom_lm.config import load_config\n"
+        "from polycom_lm.train.callbacks.wandb import WandbCallback\n"
+        "output = Path(sys.argv[2]); output.mkdir()\n"
+        "callback = WandbCallback(load_config(sys.argv[1]), output)\n"
+        "callback.on_train_start(trainer=None)\n"
+        "run = callback._run\n"
+        "print(json.dumps([run.project, run.group, run.name, sorted(run.tags), run.settings.mode]))\n"
+        "callback.close()\n"
+    )
+    environment = {**cli_environment(), "WANDB_SILENT": "true", "WANDB_MODE": "offline", "WANDB_PROJECT": "from_env",
+                   "WANDB_RUN_GROUP": "env_group", "WANDB_NAME": "env_name", "WANDB_DIR": str(tmp_path / "wandb_home")}
+    process = subprocess.run([sys.executable, "-c", script, str(config_path), str(tmp_path / "run")],
+                             env=environment, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    project, group, name, tags, mode = json.loads(process.stdout.strip().splitlines()[-1])
+    assert (project, group, name, mode) == ("from_env", "env_group", "env_name", "offline")
+    assert tags == ["dense", "mine", "polynorm"]
     assert list((tmp_path / "wandb_home").rglob("offline-run-*/run-*.wandb"))  # WANDB_DIR, not the run's folder
-    assert not (output / "wandb").exists()
+    assert not (tmp_path / "run" / "wandb").exists()
 
 
 @pytest.mark.parametrize("config_mode, environment_mode, expect_files", [
