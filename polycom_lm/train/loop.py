@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from polycom_lm.config import Config
 from polycom_lm.distributed.engine import Engine
 from polycom_lm.errors import PolycomError
-from polycom_lm.train.checkpoint import TrainerState
+from polycom_lm.train.trainer_state import TrainerState
 from polycom_lm.train.optim import Schedule, schedule_progress, set_learning_rate
 from polycom_lm.train.validation import BatchLayout
 

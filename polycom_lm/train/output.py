@@ -17,7 +17,8 @@ import yaml
 
 from polycom_lm.config import Config, config_from_dict
 from polycom_lm.errors import CheckpointError, ConfigError, PolycomError
-from polycom_lm.train.checkpoint import latest_checkpoint, read_trainer_state, remove_incomplete
+from polycom_lm.checkpoint.folders import latest_checkpoint, remove_incomplete
+from polycom_lm.train.trainer_state import read_trainer_state
 from polycom_lm.train.callbacks.metrics_file import truncate_metrics_after
 
 logger = logging.getLogger(__name__)

@@ -16,9 +16,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from polycom_lm.checkpoint.folders import write_checkpoint
 from polycom_lm.config import Config
-from polycom_lm.distributed.engine import Engine, build_engine
-from polycom_lm.train import checkpoint as checkpoints
+from polycom_lm.distributed.engine import Engine
+from polycom_lm.distributed.parallelize import build_engine, parallelize
+from polycom_lm.train import trainer_state
 from polycom_lm.train.callbacks import (
     CheckpointCallback,
     EvaluationCallback,
@@ -31,8 +33,7 @@ from polycom_lm.train.flops import peak_flops, training_flops_per_token
 from polycom_lm.train.loop import Callback, Trainer
 from polycom_lm.train.optim import build_optimizer, build_schedule
 from polycom_lm.train.output import CHECKPOINTS_DIR, METRICS_FILE, plan_output, prepare_output
-from polycom_lm.train.transforms import apply_training_transforms
-from polycom_lm.train.validation import import_engines, validate_config
+from polycom_lm.train.validation import validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +102,15 @@ def _logged_evaluation(metrics_path: Path, step: int) -> Optional[tuple[int, lis
 
 
 def setup_model(config: Config, engine: Engine) -> None:
-    """Build the model as `polycom-lm train` does and hand it to `engine` with the optimizer: seeded init
-    (identical on every rank), bf16 parameters if asked, activation checkpointing, compiled blocks."""
+    """Build the model as `polycom-lm train` does and parallelise it onto `engine` with the optimizer:
+    seeded init (identical on every rank), bf16 parameters if asked, then `parallelize`."""
     from polycom_lm.models import build_model
 
-    checkpoints.seed_everything(config.training.seed)
+    trainer_state.seed_everything(config.training.seed)
     model = build_model(config.model, device=engine.device)
     if config.training.param_dtype == "bf16":
         model = model.to(torch.bfloat16)  # no fp32 master weights
-    apply_training_transforms(model, config.training)
-    engine.setup(model, lambda module: build_optimizer(module, config.optimizer))
+    parallelize(model, config, engine, lambda module: build_optimizer(module, config.optimizer))
 
 
 def build_trainer(config: Config, dataset: Any, device: Optional[torch.device] = None) -> Trainer:
@@ -119,11 +119,10 @@ def build_trainer(config: Config, dataset: Any, device: Optional[torch.device] =
     callbacks or checkpoints: for benchmarks (`trainer.train_step()`) and tests."""
     layout = validate_config(config, 1)
     device = device or resolve_device(config.training.device)
-    import_engines(config.distributed.backend)
     engine = build_engine(config, device)
     setup_model(config, engine)
     return Trainer(
-        config, engine, layout, dataset, checkpoints.TrainerState(),
+        config, engine, layout, dataset, trainer_state.TrainerState(),
         build_schedule(config.schedule, config.training.max_steps, layout.tokens_per_step), [],
         flops_per_token=training_flops_per_token(config.model, config.training.seq_len),
         peak_flops_per_device=float("nan"), world_size=1, barrier=_barrier, save_checkpoint=lambda trainer: None,
@@ -146,10 +145,9 @@ def run_training(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_config(config, world_size)
     plan = plan_output(config, resume, overwrite)
-    resume_state = checkpoints.read_trainer_state(plan.resume_from) if plan.resume_from else None
+    resume_state = trainer_state.read_trainer_state(plan.resume_from) if plan.resume_from else None
     device = resolve_device(config.training.device)
 
-    import_engines(config.distributed.backend)
     engine = build_engine(config, device)
     callbacks: list[Callback] = []
     try:
@@ -166,7 +164,7 @@ def run_training(
 
         setup_model(config, engine)
 
-        state = checkpoints.TrainerState(world_size=world_size)
+        state = trainer_state.TrainerState(world_size=world_size)
         if plan.resume_from is not None:
             state = _resume(engine, plan.resume_from, rank, world_size, config.training.seed, trust_checkpoint)
         # Only now, with data, model and checkpoint known to be good, does the output folder change.
@@ -196,8 +194,13 @@ def run_training(
 
         def save(trainer: Trainer) -> None:
             trainer.state.world_size = world_size
-            checkpoints.save_checkpoint(
-                checkpoints_dir, trainer.state, engine.save_checkpoint, rank=rank, barrier=_barrier,
+
+            def write_contents(folder: Path) -> None:
+                engine.save_checkpoint(folder)
+                trainer_state.write_trainer_files(folder, trainer.state, rank)
+
+            write_checkpoint(
+                checkpoints_dir, trainer.state.step, write_contents, rank=rank, barrier=_barrier,
                 keep_last=config.training.keep_last_checkpoints,
             )
 
@@ -235,15 +238,15 @@ def run_training(
 
 def _resume(
     engine, directory: Path, rank: int, world_size: int, seed: int, trust_checkpoint: bool
-) -> checkpoints.TrainerState:
-    state = checkpoints.read_trainer_state(directory)
+) -> trainer_state.TrainerState:
+    state = trainer_state.read_trainer_state(directory)
     engine.load_checkpoint(directory, trust_checkpoint=trust_checkpoint)
-    rng = checkpoints.load_rng_state(directory, rank)
+    rng = trainer_state.load_rng_state(directory, rank)
     if rng is not None and state.world_size == world_size:
-        checkpoints.restore_rng_state(rng)
+        trainer_state.restore_rng_state(rng)
     else:
         # Another world size: RNG streams cannot map one to one; reseed deterministically per rank and step.
-        checkpoints.seed_everything(seed + 1_000_003 * state.step + rank)
+        trainer_state.seed_everything(seed + 1_000_003 * state.step + rank)
         logger.warning("checkpoint written by %d rank(s), resuming on %d: RNG states reseeded",
                        state.world_size, world_size)
     logger.info("resumed from %s at step %d (%d tokens, %d samples consumed)",

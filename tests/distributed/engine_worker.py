@@ -19,10 +19,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed_batch, tiny_config
-from polycom_lm.distributed import ENGINES  # noqa: F401  (registers the engines)
-from polycom_lm.distributed.engine import build_engine
+from polycom_lm.distributed.parallelize import build_engine, parallelize
 from polycom_lm.distributed.tensor_parallel import interleaved_parameter_degrees, interleaved_to_canonical
-from polycom_lm.train.transforms import apply_activation_checkpointing
 
 DEVICE = torch.device("cpu")
 
@@ -33,9 +31,7 @@ def run_losses(config, steps: int, micro_batches: int = 1, checkpoint_in=None, c
     `save_after_step` (default: the last), training on after it."""
     engine = build_engine(config, DEVICE)
     model = build_tiny_model(config)
-    # As the trainer does: training transforms first, then the engine parallelises.
-    apply_activation_checkpointing(model, config.training.activation_checkpointing)
-    engine.setup(model, build_optimizer)
+    parallelize(model, config, engine, build_optimizer)  # as the trainer does
     if checkpoint_in is not None:
         engine.load_checkpoint(Path(checkpoint_in))
     batch = fixed_batch(config)
@@ -74,7 +70,7 @@ def tensor_parallel_case(activation: str, qk_norm: bool = False, **distributed) 
     reference = build_tiny_model(config)
     model = copy.deepcopy(reference)
     engine = build_engine(config, DEVICE)
-    engine.setup(model, build_optimizer)
+    parallelize(model, config, engine, build_optimizer)
     batch = fixed_batch(config)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 

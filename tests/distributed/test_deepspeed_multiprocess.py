@@ -69,10 +69,10 @@ def test_deepspeed_engine_runs_in_one_process_without_a_launcher(reference):
     script = (
         "import torch\n"
         "from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed_batch, tiny_config\n"
-        "from polycom_lm.distributed import build_engine\n"
+        "from polycom_lm.distributed.parallelize import build_engine, parallelize\n"
         "config = tiny_config(backend='deepspeed', zero_stage=2)\n"
         "engine = build_engine(config, torch.device('cpu'))\n"
-        "engine.setup(build_tiny_model(config), build_optimizer)\n"
+        "parallelize(build_tiny_model(config), config, engine, build_optimizer)\n"
         "print([engine_step(engine, fixed_batch(config), 2) for _ in range(2)])\n"
         "engine.close()\n"
     )

@@ -22,14 +22,14 @@ from engine_harness import (
     run_worker,
     tiny_config,
 )
-from polycom_lm.distributed.engine import build_engine
+from polycom_lm.distributed.parallelize import build_engine, parallelize
 
 pytestmark = pytest.mark.slow
 
 
 def single_process_run(config, steps: int, checkpoint_in=None, checkpoint_out=None) -> list[float]:
     engine = build_engine(config, torch.device("cpu"))
-    engine.setup(build_tiny_model(config), build_optimizer)
+    parallelize(build_tiny_model(config), config, engine, build_optimizer)
     if checkpoint_in is not None:
         engine.load_checkpoint(Path(checkpoint_in))
     batch = fixed_batch(config)
