@@ -11,9 +11,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from polycom_lm.config.conversion import first_line, from_dict
+from polycom_lm.config.conversion import from_dict
 from polycom_lm.config.schema import Config
-from polycom_lm.errors import ConfigError
+from polycom_lm.errors import ConfigError, first_line
 
 OVERRIDE_ORIGIN = "command-line override"
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from polycom_lm.config import Config
 from polycom_lm.distributed.engine import Engine
 from polycom_lm.errors import PolycomError
+from polycom_lm.train.metrics import model_metrics
 from polycom_lm.train.trainer_state import TrainerState
 from polycom_lm.train.optim import Schedule, schedule_progress, set_learning_rate
 from polycom_lm.train.validation import BatchLayout
@@ -262,8 +263,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ metrics
     def training_row(self, window: list[StepResult], elapsed_s: float) -> dict[str, Any]:
-        from polycom_lm.train.metrics import model_metrics
-
         last = window[-1]
         window_tokens = sum(result.tokens for result in window)
         tokens_per_s = window_tokens / max(elapsed_s, 1e-9)
@@ -282,5 +281,7 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
         }
         row.update({f"aux/{name}": value for name, value in last.aux_losses.items()})
-        row.update(model_metrics(self))
+        row.update(model_metrics(
+            self.engine.unwrapped_model(), self.engine.device, self.config.logging.log_activation_coefficients
+        ))
         return row

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from polycom_lm.config import Config, config_from_dict
-from polycom_lm.errors import CheckpointError, ConfigError, PolycomError
+from polycom_lm.errors import CheckpointError, ConfigError, PolycomError, first_line
 from polycom_lm.checkpoint.folders import latest_checkpoint, remove_incomplete
 from polycom_lm.train.trainer_state import read_trainer_state
 from polycom_lm.train.callbacks.metrics_file import truncate_metrics_after
@@ -68,7 +68,7 @@ def read_saved_config(path: Path) -> Config:
         return config_from_dict(raw)
     except (yaml.YAMLError, PolycomError, UnicodeDecodeError) as error:
         raise ConfigError(
-            f"{path} is not a readable polycom_lm config ({str(error).splitlines()[0]}); pass --overwrite to "
+            f"{path} is not a readable polycom_lm config ({first_line(error)}); pass --overwrite to "
             f"replace the run in {path.parent}"
         ) from None
 
