@@ -135,7 +135,35 @@ def scenario_engines(output: Path, shared: Path) -> dict:
     results["resume_on_2"] = run_losses(
         tiny_config("swiglu", backend="fsdp"), steps=2, checkpoint_in=shared / "saved_on_1"
     )
+    results["truncated_shard_load_errors"] = truncated_shard_load_errors(shared / "saved_on_2", shared / "truncated")
     return results
+
+
+def truncated_shard_load_errors(source: Path, target: Path) -> list[str]:
+    """Every rank's error when loading a copy of `source` whose first shard file is cut to 100 bytes (the
+    rank that reads it fails; DCP raises its `CheckpointException`, a BaseException, on all ranks)."""
+    import shutil
+
+    from polycom_lm.errors import CheckpointError
+
+    if dist.get_rank() == 0:
+        shutil.copytree(source, target)
+        shard = sorted(target.glob("*.distcp"))[0]
+        shard.write_bytes(shard.read_bytes()[:100])
+    dist.barrier()
+    config = tiny_config("swiglu", backend="fsdp", tp=2)
+    engine = build_engine(config, DEVICE)
+    parallelize(build_tiny_model(config), config, engine, build_optimizer)
+    try:
+        engine.load_checkpoint(target)
+        message = "loaded without an error"
+    except CheckpointError as error:
+        message = str(error)
+    except BaseException as error:  # noqa: BLE001  what a raw failure would look like to the user
+        message = f"raw {type(error).__name__}: {error}"
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return messages
 
 
 def scenario_fsdp_tp(output: Path, shared: Path) -> dict:

@@ -131,3 +131,14 @@ def test_qk_norm_gain_shared_by_sharded_heads_gets_the_full_gradient(results):
 
 def test_tp2_with_recomputed_activations_matches_single_process(results, reference):
     assert_losses_close(results["tp2_recomputed_polynorm"]["losses"], reference["polynorm"][:3], relative=1e-5)
+
+
+def test_failed_multi_rank_checkpoint_load_is_one_line_on_every_rank(results):
+    """A truncated shard file fails the load on both ranks with the one-line CheckpointError naming the
+    folder, not DCP's raw `CheckpointException` traceback."""
+    folder = str(Path(results["shared"]) / "truncated")
+    messages = results["truncated_shard_load_errors"]
+    assert len(messages) == 2
+    for message in messages:
+        assert message.startswith(f"{folder}: cannot load model/optimizer state ("), message[:300]
+        assert "\n" not in message

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import test_expert_parallel_worker as worker  # noqa: E402
+import expert_parallel_worker as worker  # noqa: E402
 
 from polycom_lm.config import config_from_dict  # noqa: E402
 from polycom_lm.distributed.parallelize import check_parallel_config  # noqa: E402
@@ -61,7 +61,7 @@ def launch(tmp_path_factory, world_size: int, ep: int) -> list[list[dict]]:
     for rank in range(world_size):
         environment = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        command = [sys.executable, str(HERE / "test_expert_parallel_worker.py"), str(output), str(ep),
+        command = [sys.executable, str(HERE / "expert_parallel_worker.py"), str(output), str(ep),
                    str(output / "single_process_checkpoint")]
         processes.append(subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))

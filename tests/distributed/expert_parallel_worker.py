@@ -1,6 +1,6 @@
-"""Worker of test_expert_parallel.py (not a test): one rank of an expert-parallel run on gloo.
+"""Worker of test_expert_parallel.py: one rank of an expert-parallel run on gloo.
 
-Usage: python test_expert_parallel_worker.py OUTPUT_DIR EP SINGLE_PROCESS_CHECKPOINT (with RANK, WORLD_SIZE,
+Usage: python expert_parallel_worker.py OUTPUT_DIR EP SINGLE_PROCESS_CHECKPOINT (with RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT).
 Runs the cases of `expert_parallel_cases()` and saves each rank's results to OUTPUT_DIR/rank{r}.pt.
 """
