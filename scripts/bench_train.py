@@ -147,7 +147,7 @@ def trainer_variant(label, model_config_, precision, flops_per_token, args) -> V
 def best_matmul_flops(device, dtype) -> float:
     """The best square-matmul rate at 1024³ and 2048³ (each the faster of ATen and the model's oneDNN
     projection path): the most demanding reference MFU and the ceiling below are measured against."""
-    return max(measure_matmul_flops(device, dtype, size=size, repeats=reps) for size, reps in ((1024, 10), (2048, 3)))
+    return max(measure_matmul_flops(device, dtype, sizes=(size,), repeats=reps) for size, reps in ((1024, 10), (2048, 3)))
 
 
 def run_group(variants: list[Variant], args, device) -> None:

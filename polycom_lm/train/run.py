@@ -20,6 +20,7 @@ from polycom_lm.checkpoint.folders import write_checkpoint
 from polycom_lm.config import Config
 from polycom_lm.distributed.engine import Engine
 from polycom_lm.distributed.parallelize import build_engine, parallelize
+from polycom_lm.errors import ConfigError
 from polycom_lm.train import trainer_state
 from polycom_lm.train.callbacks import (
     CheckpointCallback,
@@ -32,7 +33,7 @@ from polycom_lm.train.callbacks import (
 from polycom_lm.train.flops import peak_flops, training_flops_per_token
 from polycom_lm.train.loop import Callback, Trainer
 from polycom_lm.train.optim import build_optimizer, build_schedule
-from polycom_lm.train.output import CHECKPOINTS_DIR, METRICS_FILE, plan_output, prepare_output
+from polycom_lm.train.output import CHECKPOINTS_DIR, METRICS_FILE, RunLock, plan_output, prepare_output
 from polycom_lm.train.validation import validate_config
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,6 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            from polycom_lm.errors import ConfigError
-
             raise ConfigError(f"training.device={name} but CUDA is not available; use training.device=cpu")
         torch.cuda.set_device(device)
     return device
@@ -150,6 +149,7 @@ def run_training(
 
     engine = build_engine(config, device)
     callbacks: list[Callback] = []
+    lock = RunLock(plan.output_dir)
     try:
         rank = _global_rank()
         is_main = rank == 0
@@ -158,6 +158,7 @@ def run_training(
         # A missing data folder or a vocabulary mismatch fails before the output folder is touched.
         data = prepare_run_data(config.data, is_main_process=is_main, barrier=_barrier)
         check_vocab(data.vocab_size, config.model.vocab_size, "model.vocab_size")
+        _verify_shards(data, config, is_main)
         dataset = PackedDataset(
             data.train, config.training.seq_len, config.training.seed, document_ids=config.data.document_masks
         )
@@ -165,10 +166,18 @@ def run_training(
         setup_model(config, engine)
 
         state = trainer_state.TrainerState(world_size=world_size)
+        rng = None
         if plan.resume_from is not None:
-            state = _resume(engine, plan.resume_from, rank, world_size, config.training.seed, trust_checkpoint)
-        # Only now, with data, model and checkpoint known to be good, does the output folder change.
+            state, rng = _resume(engine, plan.resume_from, rank, world_size, trust_checkpoint)
+        # Only now, with data, model and checkpoint known to be good, does the output folder change, under
+        # the run lock, after checking that nothing changed it since it was planned.
         if is_main:
+            lock.acquire()
+            if plan_output(config, resume, overwrite) != plan:
+                raise ConfigError(
+                    f"training.output_dir {plan.output_dir} changed while this run was starting (another run "
+                    f"used it); start again"
+                )
             prepare_output(plan, config, state.step)
         _barrier()
 
@@ -191,6 +200,10 @@ def run_training(
                 ProfilerCallback(output_dir / "profile", config.training.profile_start_step,
                                  config.training.profile_num_steps, rank)
             )
+        if plan.resume_from is not None:
+            # Last of all start hooks, so that nothing (wandb's start-up, the MFU probe) draws from the
+            # restored streams before the first step.
+            callbacks.append(_RestoreRNG(rng, state, rank, world_size, config.training.seed))
 
         def save(trainer: Trainer) -> None:
             trainer.state.world_size = world_size
@@ -233,23 +246,41 @@ def run_training(
                 callback.close()
             except Exception:  # closing one sink must not hide the error that ended training
                 logger.exception("closing %s failed", type(callback).__name__)
+        lock.release()
         engine.close()
 
 
 def _resume(
-    engine, directory: Path, rank: int, world_size: int, seed: int, trust_checkpoint: bool
-) -> trainer_state.TrainerState:
+    engine, directory: Path, rank: int, world_size: int, trust_checkpoint: bool
+) -> tuple[trainer_state.TrainerState, Optional[dict]]:
+    """Load model, optimizer and trainer state, and read this rank's RNG states (restored later, by
+    `_RestoreRNG`, when nothing else will draw from them before the first step)."""
     state = trainer_state.read_trainer_state(directory)
+    rng = trainer_state.load_resume_rng(directory, state, rank, world_size)
     engine.load_checkpoint(directory, trust_checkpoint=trust_checkpoint)
-    rng = trainer_state.load_rng_state(directory, rank)
-    if rng is not None and state.world_size == world_size:
-        trainer_state.restore_rng_state(rng)
-    else:
-        # Another world size: RNG streams cannot map one to one; reseed deterministically per rank and step.
-        trainer_state.seed_everything(seed + 1_000_003 * state.step + rank)
-        logger.warning("checkpoint written by %d rank(s), resuming on %d: RNG states reseeded",
-                       state.world_size, world_size)
     logger.info("resumed from %s at step %d (%d tokens, %d samples consumed)",
                 directory, state.step, state.tokens, state.consumed_samples)
-    state.world_size = world_size
-    return state
+    return state, rng
+
+
+class _RestoreRNG(Callback):
+    """Restores every rank's RNG states from the checkpoint resumed from, as the last start hook."""
+
+    def __init__(self, rng: Optional[dict], state: trainer_state.TrainerState, rank: int, world_size: int, seed: int):
+        self.arguments = (rng, trainer_state.TrainerState(**vars(state)), rank, world_size, seed)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        trainer_state.restore_rng_for_resume(*self.arguments)
+
+
+def _verify_shards(data, config: Config, is_main: bool) -> None:
+    """Token ids within the model's vocabulary and shard files that match their manifests' digests, checked
+    by the main process (hashing at most once per file version), before any step."""
+    from polycom_lm.data.shards import verify_shard
+
+    if is_main:
+        paths = [path for path, _ in data.train] + list(data.validation.values())
+        for path in paths:
+            if verify_shard(path, Path(config.data.cache_dir).expanduser(), config.model.vocab_size):
+                logger.info("verified %s against its manifest's sha256", path)
+    _barrier()

@@ -9,6 +9,7 @@ Both are written into a checkpoint folder next to the engine's model and optimiz
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 
 from polycom_lm.checkpoint.folders import STATE_FILE, write_text_atomically
 from polycom_lm.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 RNG_FOLDER = "rng"
 
@@ -35,11 +38,28 @@ class TrainerState:
 
     @classmethod
     def from_json(cls, text: str, culprit: Path) -> "TrainerState":
+        """Parse and check a `trainer_state.json`: every field a non-negative integer (world size >= 1,
+        skipped steps <= steps), else a one-line CheckpointError naming the file and field."""
         try:
             raw = json.loads(text)
-            return cls(**{key: int(raw[key]) for key in ("step", "tokens", "consumed_samples", "skipped_steps", "world_size")})
-        except (ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{culprit}: corrupt trainer state ({type(error).__name__}: {error})") from None
+        except ValueError as error:
+            raise CheckpointError(f"{culprit}: corrupt trainer state (not JSON: {error})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{culprit}: corrupt trainer state (not a JSON object)")
+        values = {}
+        for key in ("step", "tokens", "consumed_samples", "skipped_steps", "world_size"):
+            value = raw.get(key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise CheckpointError(f"{culprit}: corrupt trainer state ({key!r} is {value!r}, not an integer)")
+            minimum = 1 if key == "world_size" else 0
+            if value < minimum:
+                raise CheckpointError(f"{culprit}: corrupt trainer state ({key}={value}; it must be >= {minimum})")
+            values[key] = value
+        if values["skipped_steps"] > values["step"]:
+            raise CheckpointError(
+                f"{culprit}: corrupt trainer state (skipped_steps={values['skipped_steps']} exceeds step={values['step']})"
+            )
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -91,7 +111,7 @@ def seed_everything(seed: int) -> None:
 
 
 def load_rng_state(directory: Path, rank: int) -> Optional[dict]:
-    """This rank's saved RNG states, or None when the checkpoint was written by fewer ranks."""
+    """This rank's saved RNG states, or None when the checkpoint holds none for this rank."""
     path = directory / RNG_FOLDER / f"rank_{rank}.pt"
     if not path.is_file():
         return None
@@ -99,3 +119,30 @@ def load_rng_state(directory: Path, rank: int) -> Optional[dict]:
         return torch.load(path, weights_only=True)
     except Exception as error:
         raise CheckpointError(f"{path}: corrupt RNG state ({type(error).__name__})") from None
+
+
+def load_resume_rng(directory: Path, state: TrainerState, rank: int, world_size: int) -> Optional[dict]:
+    """This rank's saved RNG states for a resume on `world_size` ranks, or None when the checkpoint was
+    written by another world size (its streams cannot map one to one: `restore_rng_for_resume` reseeds).
+    A checkpoint of this world size without this rank's file is incomplete: CheckpointError."""
+    if state.world_size != world_size:
+        return None
+    rng = load_rng_state(directory, rank)
+    if rng is None:
+        raise CheckpointError(
+            f"{directory / RNG_FOLDER / f'rank_{rank}.pt'} is missing: the checkpoint is incomplete (an exact resume "
+            f"needs every rank's RNG state); restore the file or resume from another checkpoint"
+        )
+    return rng
+
+
+def restore_rng_for_resume(rng: Optional[dict], state: TrainerState, rank: int, world_size: int, seed: int) -> None:
+    """Restore `rng` (from `load_resume_rng`); call it last before training, so that nothing else draws
+    from the restored streams in between. Without one (another world size wrote the checkpoint), each rank
+    is reseeded deterministically from (seed, step, rank) and a warning says so."""
+    if rng is not None:
+        restore_rng_state(rng)
+        return
+    seed_everything(seed + 1_000_003 * state.step + rank)
+    logger.warning("checkpoint written by %d rank(s), resuming on %d: RNG states reseeded, not restored",
+                   state.world_size, world_size)

@@ -88,8 +88,12 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
     if optimizer.grad_clip_norm is not None:
         _positive(optimizer.grad_clip_norm, "optimizer.grad_clip_norm")
 
+    _validate_model(config)
     _positive(training.max_steps, "training.max_steps")
     _positive(training.seq_len, "training.seq_len")
+    if not 0 <= training.seed < 2**63:
+        raise ConfigError(f"training.seed={training.seed} is invalid; it must be an integer in [0, 2**63)")
+    _positive(training.max_consecutive_skips, "training.max_consecutive_skips")
     if training.seq_len > config.model.max_seq_len:
         raise ConfigError(
             f"training.seq_len={training.seq_len} exceeds the model's maximum model.max_seq_len="
@@ -119,6 +123,19 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
         raise ConfigError("data.train is empty; name at least one source (e.g. builtin:pydoc or a shard folder)")
     _check_registered(config, world_size)
     return layout
+
+
+def _validate_model(config: Config) -> None:
+    """Sizes positive, and the numbers every step divides by or exponentiates finite and positive (a
+    negative eps or a zero RoPE base would make every step NaN)."""
+    model = config.model
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden_size", "max_seq_len", "activation_order"):
+        _positive(getattr(model, key), f"model.{key}")
+    for key in ("n_kv_heads", "head_dim", "ffn_width"):
+        if getattr(model, key) is not None:
+            _positive(getattr(model, key), f"model.{key}")
+    for key in ("init_std", "norm_eps", "rope_theta"):
+        _positive(getattr(model, key), f"model.{key}")
 
 
 def _validate_schedule(config: Config) -> None:

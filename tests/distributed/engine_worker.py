@@ -35,15 +35,17 @@ def run_losses(config, steps: int, micro_batches: int = 1, checkpoint_in=None, c
     if checkpoint_in is not None:
         engine.load_checkpoint(Path(checkpoint_in))
     batch = fixed_batch(config)
-    losses, times = [], []
+    losses, norms, times = [], [], []
     save_after_step = steps if save_after_step is None else save_after_step
     for step in range(1, steps + 1):
         started = time.perf_counter()
-        losses.append(engine_step(engine, batch, micro_batches))
+        loss, norm = engine_step(engine, batch, micro_batches)
+        losses.append(loss)
+        norms.append(norm)
         times.append(time.perf_counter() - started)
         if checkpoint_out is not None and step == save_after_step:
             engine.save_checkpoint(Path(checkpoint_out))
-    return {"losses": losses, "step_time_s": sorted(times)[len(times) // 2]}
+    return {"losses": losses, "grad_norms": norms, "step_time_s": sorted(times)[len(times) // 2]}
 
 
 def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -190,8 +192,9 @@ def scenario_deepspeed(output: Path, shared: Path) -> dict:
     """2 ranks: ZeRO 1/2/3 in fp32 with gradient accumulation, ZeRO 2 in bf16, and a stage-3 checkpoint."""
     results = {}
     for stage in (1, 2, 3):
+        # micro_batch_size 1: DeepSpeed's own config says 2 accumulation steps, as the loop runs them.
         results[f"zero{stage}_fp32_accumulate"] = run_losses(
-            tiny_config(backend="deepspeed", zero_stage=stage), steps=3, micro_batches=2
+            config_with(tiny_config(backend="deepspeed", zero_stage=stage), micro_batch_size=1), steps=3, micro_batches=2
         )
     results["zero2_bf16"] = run_losses(
         config_with(tiny_config(backend="deepspeed", zero_stage=2), precision="bf16"), steps=3

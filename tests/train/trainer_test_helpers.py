@@ -66,9 +66,10 @@ def cli_environment() -> dict[str, str]:
 
 
 def run_cli(*arguments: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("env", cli_environment())
     process = subprocess.run(
         [sys.executable, "-m", "polycom_lm.cli", *arguments],
-        cwd=REPO, env=cli_environment(), capture_output=True, text=True, timeout=300, **kwargs,
+        cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs,
     )
     if check and process.returncode != 0:
         raise AssertionError(f"polycom-lm {' '.join(arguments)} failed ({process.returncode}):\n{process.stderr[-3000:]}")
