@@ -180,3 +180,21 @@ def run_worker(nproc: int, scenario: str, output: Path, *extra: str, timeout_s: 
             f"{scenario} on {nproc} ranks failed (exit {completed.returncode}):\n"
             f"{completed.stdout[-4000:]}\n{completed.stderr[-8000:]}"
         )
+
+
+def run_single_process_deepspeed(body: str, *arguments: str, timeout_s: int = 600) -> subprocess.CompletedProcess:
+    """Run `body` in a fresh interpreter without a launcher, after building the tiny model on a ZeRO-2
+    `deepspeed` engine (`config`, `engine` defined; `sys.argv[1:]` = `arguments`)."""
+    script = (
+        "import sys, torch\n"
+        "from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed_batch, tiny_config\n"
+        "from polycom_lm.distributed.parallelize import build_engine, parallelize\n"
+        "config = tiny_config(backend='deepspeed', zero_stage=2)\n"
+        "engine = build_engine(config, torch.device('cpu'))\n"
+        "parallelize(build_tiny_model(config), config, engine, build_optimizer)\n"
+    ) + body + "engine.close()\n"
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    environment.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPOSITORY}{os.pathsep}{HERE}")
+    environment.setdefault("TORCH_EXTENSIONS_DIR", str(REPOSITORY / ".cache" / "torch_extensions"))
+    return subprocess.run([sys.executable, "-c", script, *arguments], env=environment, capture_output=True,
+                          text=True, timeout=timeout_s)

@@ -5,7 +5,6 @@ a safetensors model that the plain single-process model loads."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -66,25 +65,9 @@ def test_zero3_checkpoint_consolidates_into_a_loadable_single_process_model(resu
 
 def test_deepspeed_engine_runs_in_one_process_without_a_launcher(reference):
     """World size 1 without torchrun: the engine makes its own process group and matches the reference."""
-    import subprocess
-    import sys
+    from engine_harness import run_single_process_deepspeed
 
-    from engine_harness import HERE, REPOSITORY
-
-    script = (
-        "import torch\n"
-        "from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed_batch, tiny_config\n"
-        "from polycom_lm.distributed.parallelize import build_engine, parallelize\n"
-        "config = tiny_config(backend='deepspeed', zero_stage=2)\n"
-        "engine = build_engine(config, torch.device('cpu'))\n"
-        "parallelize(build_tiny_model(config), config, engine, build_optimizer)\n"
-        "print([engine_step(engine, fixed_batch(config), 2)[0] for _ in range(2)])\n"
-        "engine.close()\n"
-    )
-    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    environment.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPOSITORY}{os.pathsep}{HERE}")
-    environment.setdefault("TORCH_EXTENSIONS_DIR", str(REPOSITORY / ".cache" / "torch_extensions"))
-    completed = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    completed = run_single_process_deepspeed("print([engine_step(engine, fixed_batch(config), 2)[0] for _ in range(2)])\n")
     assert completed.returncode == 0, completed.stderr[-3000:]
     losses = json.loads(completed.stdout.strip().splitlines()[-1])
     assert_losses_close(losses, reference.losses[:2], relative=1e-6)

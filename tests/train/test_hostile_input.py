@@ -10,15 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from polycom_lm.cli import main
 from polycom_lm.train import run_training
-from trainer_test_helpers import load, run_config, train_rows, write_config
-
-
-def _train(capsys, config_path, *arguments):
-    code = main(["train", str(config_path), *arguments, "--no-progress"])
-    error = capsys.readouterr().err.strip().splitlines()
-    return code, error[-1] if error else ""
+from trainer_test_helpers import load, run_config, snapshot, train_in_process, train_rows, write_config
 
 
 @pytest.mark.parametrize(
@@ -36,7 +29,7 @@ def _train(capsys, config_path, *arguments):
 )
 def test_values_that_would_crash_or_train_on_nan_are_refused(capsys, prepared_data, tmp_path, override, message):
     config_path = write_config(tmp_path / "config.yaml", run_config(prepared_data, tmp_path / "run"))
-    code, error = _train(capsys, config_path, override)
+    code, error = train_in_process(capsys, config_path, override)
     assert code == 2 and error.startswith("error: ") and message in error, error
     assert not (tmp_path / "run").exists()
 
@@ -55,7 +48,7 @@ def test_values_that_would_crash_or_train_on_nan_are_refused(capsys, prepared_da
 def test_hostile_yaml_is_one_line(capsys, tmp_path, text, message):
     config_path = tmp_path / "config.yaml"
     config_path.write_text(text)
-    code, error = _train(capsys, config_path)
+    code, error = train_in_process(capsys, config_path)
     assert code == 2 and error.startswith("error: ") and message in error, error
 
 
@@ -64,10 +57,6 @@ def finished_run(prepared_data, tmp_path):
     raw = run_config(prepared_data, tmp_path / "run", max_steps=2, eval_every_steps=0, save_every_steps=1)
     run_training(load(raw))
     return write_config(tmp_path / "config.yaml", raw), tmp_path / "run"
-
-
-def _snapshot(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize(
@@ -96,10 +85,10 @@ def _snapshot(folder):
 def test_corrupt_run_folder_files_are_one_line_and_left_alone(capsys, finished_run, corrupt, message):
     config_path, run = finished_run
     corrupt(run)
-    before = _snapshot(run)
-    code, error = _train(capsys, config_path, "training.max_steps=3", "--resume")
+    before = snapshot(run)
+    code, error = train_in_process(capsys, config_path, "training.max_steps=3", "--resume")
     assert code == 2 and error.startswith("error: ") and message in error, error
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def _append(path, data: bytes) -> None:
@@ -117,7 +106,7 @@ def _edit_state(folder, **values) -> None:
 def test_a_torn_last_metrics_line_from_a_killed_writer_is_ignored(capsys, finished_run):
     config_path, run = finished_run
     _append(run / "metrics.jsonl", b'{"kind": "train", "st')
-    code, _ = _train(capsys, config_path, "training.max_steps=3", "--resume")
+    code, _ = train_in_process(capsys, config_path, "training.max_steps=3", "--resume")
     assert code == 0
     assert [row["step"] for row in train_rows(run / "metrics.jsonl")] == [1, 2, 3]
 
@@ -125,7 +114,7 @@ def test_a_torn_last_metrics_line_from_a_killed_writer_is_ignored(capsys, finish
 def test_a_config_yaml_that_is_a_folder_is_one_line(capsys, prepared_data, tmp_path):
     config_path = write_config(tmp_path / "config.yaml", run_config(prepared_data, tmp_path / "run"))
     (tmp_path / "run" / "config.yaml").mkdir(parents=True)
-    code, error = _train(capsys, config_path)
+    code, error = train_in_process(capsys, config_path)
     assert code == 2 and "config.yaml is not a file" in error
 
 
@@ -153,7 +142,7 @@ def test_a_damaged_shard_of_the_right_size_is_refused(capsys, own_shards, damage
     else:
         data[len(data) // 2] ^= 0x01
     tokens.write_bytes(bytes(data))
-    code, error = _train(capsys, config_path)
+    code, error = train_in_process(capsys, config_path)
     assert code == 2 and "tokens.bin does not match its manifest" in error
 
 
@@ -173,7 +162,7 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused_before_step_one(capsy
     manifest = json.loads((train / "manifest.json").read_text())
     manifest.update(max_token_id=600, vocab_size=1000)  # the tokens file is untouched, so its digest holds
     (train / "manifest.json").write_text(json.dumps(manifest))
-    code, error = _train(capsys, config_path)
+    code, error = train_in_process(capsys, config_path)
     assert code == 2 and "token ids go up to 600 but model.vocab_size is 512" in error
     assert not (tmp_path / "run").exists()
 
@@ -185,7 +174,7 @@ def test_skip_escalates_after_max_consecutive_skips(capsys, prepared_data, tmp_p
     raw = run_config(prepared_data, tmp_path / "run", max_steps=30, eval_every_steps=0, save_every_steps=0,
                      log_every_steps=100, max_consecutive_skips=4)
     raw["optimizer"]["lr"] = 1e30
-    code, error = _train(capsys, write_config(tmp_path / "config.yaml", raw))
+    code, error = train_in_process(capsys, write_config(tmp_path / "config.yaml", raw))
     assert code == 2 and "the 4th in a row (training.max_consecutive_skips=4)" in error, error
     rows = train_rows(tmp_path / "run" / "metrics.jsonl")
     stopped_at = rows[-1]["step"]
@@ -197,7 +186,7 @@ def test_stop_mode_logs_the_non_finite_step_before_stopping(capsys, prepared_dat
     raw = run_config(prepared_data, tmp_path / "run", max_steps=30, eval_every_steps=0, save_every_steps=0,
                      log_every_steps=100, on_nonfinite="stop")
     raw["optimizer"]["lr"] = 1e30
-    code, error = _train(capsys, write_config(tmp_path / "config.yaml", raw))
+    code, error = train_in_process(capsys, write_config(tmp_path / "config.yaml", raw))
     assert code == 2 and "non-finite loss or gradient norm at step" in error
     last = train_rows(tmp_path / "run" / "metrics.jsonl")[-1]
     assert not np.isfinite(float(last["loss"])) or not np.isfinite(float(last["grad_norm"]))
