@@ -108,7 +108,7 @@ class PolyNorm(_PolynomialCoefficients):
                 from polycom_lm.activations.kernels.compiled import polynorm_compiled
 
                 return polynorm_compiled(x, self.weight, self.bias, self.eps)
-            return polynorm_fused(x, self.weight, self.bias, self.eps, "compiled", reducer, width)
+            return polynorm_fused(x, self.weight, self.bias, self.eps, "inductor", reducer, width)
         return polynorm_fused(x, self.weight, self.bias, self.eps, fused_backend(x.device), reducer, width)
 
     def extra_repr(self) -> str:

@@ -32,6 +32,22 @@ class Activation(nn.Module):
     # Carries learnable PolyCom coefficients `weight` [r] and `bias` (logged by the trainer, own weight decay).
     has_coefficients = False
 
+    @classmethod
+    def parameter_matched_width(cls, gated_width: int) -> int:
+        """Output width of this activation's FFN at the parameter count of a gated FFN of width
+        `gated_width` (whose in-proj is twice as wide: 3·d·w weights in all): `gated_width` for a gated
+        activation, 3/2 of it otherwise (2·d·(3w/2) = 3·d·w). ValueError when 3/2 of it is not whole."""
+        if cls.gated:
+            return gated_width
+        if (3 * gated_width) % 2:
+            raise ValueError(f"3/2 of {gated_width} is not an integer")
+        return 3 * gated_width // 2
+
+    @classmethod
+    def in_width(cls, width: int) -> int:
+        """Width of the activation's input for an output of `width` (`[gate | up]` halves when gated)."""
+        return 2 * width if cls.gated else width
+
 
 def build_activation(name: str, **kwargs: Any) -> nn.Module:
     """Instantiate the activation registered as `name` with constructor arguments `kwargs`."""

@@ -193,6 +193,7 @@ class TrainingConfig:
     compile: bool = False  # torch.compile each transformer block and the loss (every experiment config turns it on;
     # off by default so that tests and one-off runs pay no compile time)
     on_nonfinite: Literal["skip", "stop"] = "skip"  # NaN/inf loss or gradient norm: drop the update, or stop
+    max_consecutive_skips: int = 10  # `skip` stops (saving the last good state) after this many in a row
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # torch.profiler trace (Chrome JSON under <output_dir>/profile/) of steps [start, start + num_steps).
     profile_start_step: Optional[int] = None

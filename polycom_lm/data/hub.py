@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from polycom_lm.errors import DataError
+from polycom_lm.errors import DataError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def resolve_tokenizer_path(spec: str) -> Path:
     try:
         folder = Path(snapshot_download(spec, cache_dir=str(cache_dir), allow_patterns=list(TOKENIZER_FILES)))
     except Exception as error:  # not found, gated, network: huggingface_hub raises many types
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error)
         raise DataError(f"tokenizer {spec!r} is not a local folder and not in the Hugging Face cache {cache_dir}, "
                         f"and downloading it failed ({type(error).__name__}: {message}); for a gated repository "
                         f"set HF_TOKEN, or give a tokenizer folder") from None

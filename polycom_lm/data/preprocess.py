@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import logging
 import multiprocessing
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -60,8 +61,37 @@ def encode_chunk(tokenizer: Tokenizer, texts: Sequence[str], dtype: np.dtype,
     return tokens, lengths, mask
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when the process that started it dies, even by SIGKILL (which gives the
+    parent no chance to stop its pool): the kernel's parent-death signal on Linux, and a watchdog thread
+    that notices the re-parenting everywhere else."""
+    import ctypes
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _init_worker(tokenizer_dir: str, parent_pid: int) -> None:
     global _worker_tokenizer
+    _die_with_parent(parent_pid)
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
@@ -96,7 +126,7 @@ def _encoded_chunks(chunks: Iterator[list[str]], tokenizer: Tokenizer, workers: 
     # raises BrokenProcessPool when a worker dies instead of waiting forever.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                                initargs=(str(tokenizer.directory),)) as pool:
+                                                initargs=(str(tokenizer.directory), os.getpid())) as pool:
         pending: collections.deque = collections.deque()
         try:
             for chunk in chunks:
@@ -158,9 +188,13 @@ def preprocess(sources: Sequence[str], tokenizer_dir: Path, out: Path, *, worker
     def describe(group) -> str:
         return " + ".join(source.describe() for source in group)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = shards.partial_dir(out)
-    partial.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shards.remove_stale_partials(out.parent)
+        partial = shards.partial_dir(out)
+        partial.mkdir()
+    except OSError as error:
+        raise DataError(f"cannot create output folder {out} ({error.strerror or type(error).__name__})") from None
     writers: list[shards.ShardWriter] = []
     try:
         train = shards.ShardWriter(partial / "train", tokenizer.vocab_size, tokenizer.eos_id, tokenizer.describe(),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from polycom_lm.data import files, pydoc_corpus
-from polycom_lm.errors import DataError
+from polycom_lm.errors import DataError, first_line
 from polycom_lm.registry import Registry
 
 SOURCES = Registry("data source")
@@ -263,7 +263,7 @@ class HuggingFaceSource(Source):
         except DataError:
             raise
         except Exception as error:  # network, missing dataset, bad config: many exception types
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            message = first_line(error)
             raise DataError(f"source {self.spec!r}: cannot load ({type(error).__name__}: {message})") from None
 
     def _iterable(self, rank: int, world_size: int):

@@ -5,8 +5,8 @@ sources in the weighted mixture's order (`mixture.py`) and puts whole batches on
 position just after it. Sources that are shard folders join the mixture as windows read from disk.
 
 It imports no torch, so it starts in about a second. It stops when told, when the queue's reader is gone,
-and, on Linux, with its parent (a SIGKILLed trainer leaves no process behind): the kernel sends it SIGTERM,
-and its tokeniser processes get the same when it dies.
+and with its parent (a SIGKILLed trainer leaves no process behind: the kernel's parent-death signal on
+Linux, a watchdog elsewhere), and its tokeniser processes die with it the same way.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import concurrent.futures
 import multiprocessing
 import os
 import queue as queue_module
-import signal
-import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,19 +66,6 @@ class StreamPlan:
 def location(source: Any) -> str:
     """The name a source's position is saved under."""
     return source.spec if isinstance(source, StreamedSource) else str(source)
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _init_tokeniser_process(tokenizer_dir: str) -> None:
-    _die_with_parent()
-    preprocess._init_worker(tokenizer_dir)
 
 
 class _StreamWindows:
@@ -216,7 +201,7 @@ def run(plan: StreamPlan, queue, stop, parent: int) -> None:
     """The process's body: batches `("batch", tokens [rows, seq_len + 1], document ids or None, state)`
     until `stop` is set; a user error ends it with `("error", message)`, anything else with
     `("crash", traceback)`."""
-    _die_with_parent()
+    preprocess._die_with_parent(parent)
     pool = None
     delivered = True
     try:
@@ -224,9 +209,10 @@ def run(plan: StreamPlan, queue, stop, parent: int) -> None:
         counts = checked_counts([weight for _, weight in plan.sources], [location(s) for s, _ in plan.sources])
         tokenizer = load_tokenizer(plan.tokenizer_dir)
         if plan.workers > 0 and any(isinstance(source, StreamedSource) for source, _ in plan.sources):
+            # The tokenisers die with this process as it dies with the trainer (`preprocess._die_with_parent`).
             pool = concurrent.futures.ProcessPoolExecutor(
                 plan.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_tokeniser_process, initargs=(plan.tokenizer_dir,))
+                initializer=preprocess._init_worker, initargs=(plan.tokenizer_dir, os.getpid()))
         sources = [
             _StreamWindows(source, plan, tokenizer, pool, saved.get(location(source)))
             if isinstance(source, StreamedSource) else _ShardWindows(Path(source), number, plan, saved.get(location(source)))

@@ -23,14 +23,13 @@ def ffn_width(model_config: ModelConfig) -> int:
         if model_config.ffn_width < 1:
             raise ConfigError(f"model.ffn_width must be positive, got {model_config.ffn_width}")
         return model_config.ffn_width
-    if ACTIVATIONS.get(model_config.activation).gated:
-        return model_config.ffn_hidden_size
-    if (3 * model_config.ffn_hidden_size) % 2:
+    try:
+        return ACTIVATIONS.get(model_config.activation).parameter_matched_width(model_config.ffn_hidden_size)
+    except ValueError:
         raise ConfigError(
             f"model.ffn_hidden_size {model_config.ffn_hidden_size}: 3/2 of it (the width of non-gated "
             f"activation {model_config.activation!r}) is not an integer; use an even size or set model.ffn_width"
-        )
-    return 3 * model_config.ffn_hidden_size // 2
+        ) from None
 
 
 class FeedForward(nn.Module):
@@ -44,7 +43,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.activation = build_activation_from_config(config)
         self.width = ffn_width(config)
-        in_features = 2 * self.width if self.activation.gated else self.width
+        in_features = self.activation.in_width(self.width)
         self.in_proj = Linear(config.d_model, in_features, bias=False, impl=config.linear_impl)
         self.out_proj = Linear(self.width, config.d_model, bias=False, impl=config.linear_impl)
 

@@ -193,7 +193,7 @@ class GroupedExperts(nn.Module):
             self.activation: nn.Module = PerExpertCoefficients(activation_name, activation, num_experts)
         else:
             self.activation = activation
-        in_width = 2 * width if self.gated else width
+        in_width = activation.in_width(width)
         self.in_proj = nn.Parameter(torch.empty(num_experts, in_width, d_model))
         self.out_proj = nn.Parameter(torch.empty(num_experts, d_model, width))
 

@@ -38,15 +38,14 @@ def expert_width(model_config: ModelConfig) -> int:
     moe = model_config.moe
     if moe.expert_width is not None:
         return moe.expert_width
-    if ACTIVATIONS.get(model_config.activation).gated:
-        return moe.expert_hidden_size
-    if (3 * moe.expert_hidden_size) % 2:
+    try:
+        return ACTIVATIONS.get(model_config.activation).parameter_matched_width(moe.expert_hidden_size)
+    except ValueError:
         raise ConfigError(
             f"model.moe.expert_hidden_size {moe.expert_hidden_size}: 3/2 of it (the expert width of non-gated "
             f"activation {model_config.activation!r}) is not an integer; use an even size or set "
             f"model.moe.expert_width"
-        )
-    return 3 * moe.expert_hidden_size // 2
+        ) from None
 
 
 def sort_by_expert(top_experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

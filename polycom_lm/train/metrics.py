@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from polycom_lm.train.loop import Trainer
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -64,12 +61,12 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     return {"memory/peak_rss_gib": peak_bytes / gib}
 
 
-def model_metrics(trainer: "Trainer") -> dict[str, Any]:
-    model = trainer.engine.unwrapped_model()
+def model_metrics(model: torch.nn.Module, device: torch.device, coefficients: bool = True) -> dict[str, Any]:
+    """Coefficients (when `coefficients`), memory and MoE routing metrics of the plain `model`."""
     metrics: dict[str, Any] = {}
-    if trainer.config.logging.log_activation_coefficients:
+    if coefficients:
         metrics.update(coefficient_metrics(model))
-    metrics.update(memory_metrics(trainer.engine.device))
+    metrics.update(memory_metrics(device))
     moe_metrics = getattr(model, "moe_metrics", None)
     if callable(moe_metrics):
         metrics.update(

@@ -91,7 +91,7 @@ def test_compiled_tensor_parallel_variant_matches_full_width():
         closed_form.polynorm_row_dots(x[:, other], grad[:, other], 3),
     ]
     shard = x[:, local].clone().requires_grad_()
-    out = polynorm_fused(shard, weight, bias, 1e-6, "compiled", lambda partial: partial + contributions.pop(0), 40)
+    out = polynorm_fused(shard, weight, bias, 1e-6, "inductor", lambda partial: partial + contributions.pop(0), 40)
     out.backward(grad[:, local])
     assert not contributions
     torch.testing.assert_close(out, expected_out[:, local], rtol=1e-5, atol=1e-5)

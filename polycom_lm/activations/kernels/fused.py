@@ -2,10 +2,8 @@
 
 Each Function keeps only the input x (and, for PolyNorm, the r per-row inverse norms, fp32 for half
 inputs) for backward and computes the closed-form gradients of `closed_form`. The per-row work runs on
-one of three interchangeable backends with the same functions:
-- `"torch"`: the closed-form PyTorch ops, eager (any device).
-- `"compiled"`: the same ops under `torch.compile` (see `compiled.py`).
-- `"triton"`: Triton kernels (CUDA; on CPU only under `TRITON_INTERPRET=1`, for tests).
+one of the interchangeable `select.FUSED_BACKENDS` with the same functions: `eager` (`closed_form`),
+`inductor` (the same ops under `torch.compile`, `compiled.py`) or `triton` (`triton_polycom.py`).
 
 Tensor parallelism (PolyNorm): when `row_sum_reducer` is given, x holds a column shard of rows that are
 `full_width` wide. The local row sums (forward) and the local row dots (backward) are passed through the
@@ -22,15 +20,14 @@ import torch
 
 from polycom_lm.activations.kernels import closed_form
 from polycom_lm.activations.kernels.reference import RowSumReducer
-
-BACKENDS = ("torch", "compiled", "triton")
+from polycom_lm.activations.kernels.select import FUSED_BACKENDS
 
 
 def get_backend(name: str) -> ModuleType:
     """The module implementing the closed-form functions for backend `name`."""
-    if name == "torch":
+    if name == "eager":
         return closed_form
-    if name == "compiled":
+    if name == "inductor":
         from polycom_lm.activations.kernels import compiled
 
         return compiled.compiled_closed_form()
@@ -38,7 +35,7 @@ def get_backend(name: str) -> ModuleType:
         from polycom_lm.activations.kernels import triton_polycom
 
         return triton_polycom
-    raise ValueError(f"unknown PolyCom kernel backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown PolyCom kernel backend {name!r}; expected one of {', '.join(FUSED_BACKENDS)}")
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +133,7 @@ def polynorm_fused(
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float = 1e-6,
-    backend: str = "torch",
+    backend: str = "eager",
     row_sum_reducer: Optional[RowSumReducer] = None,
     full_width: Optional[int] = None,
 ) -> torch.Tensor:
@@ -145,7 +142,7 @@ def polynorm_fused(
 
 
 def polynomial_fused(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool, backend: str = "torch"
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool, backend: str = "eager"
 ) -> torch.Tensor:
     """PolyReLU (`relu=True`) or Poly with the memory-efficient closed-form backward."""
     return PolynomialFunction.apply(x, weight, bias, relu, backend)
