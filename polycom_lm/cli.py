@@ -14,7 +14,7 @@ import sys
 
 from polycom_lm.errors import PolycomError
 
-COMMANDS = ["info", "train", "checkpoint", "tokenizer", "preprocess"]
+COMMANDS = ["info", "train", "checkpoint", "tokenizer", "preprocess", "study", "compare", "analyze"]
 
 
 def build_parser() -> argparse.ArgumentParser:
