@@ -4,9 +4,9 @@
   erank = exp(−Σ_k p_k log p_k); between 1 (rank one) and min(rows, columns) (all σ equal). Computed for
   each layer's FFN in-projection [in_width, d_model] and out-projection [d_model, width], per expert for
   MoE layers (the layer's value is then the mean over experts).
-- Layer-wise cosine similarity of hidden states: with h_0 the embedding output and h_l the output of block
-  l, cos(h_{l-1}, h_l) over d_model for every token of a validation batch, averaged over tokens: how much
-  each layer turns the representation.
+- Layer-wise cosine similarity of hidden states: for each block l = 0..n_layers-1, cos(h_l, h_{l+1}) over
+  d_model for every token of a validation batch, averaged over tokens, where h_l is the block's input (h_0
+  the embedding output) and h_{l+1} its output: how much each layer turns the representation.
 
 Models are read from a run folder (its latest checkpoint) or a checkpoint folder (`<run>/checkpoints/step_N`),
 with the run's `config.yaml`: weights through `consolidated_model_state` (no code runs on load).
@@ -71,7 +71,7 @@ def effective_ranks(model: nn.Module) -> dict[str, Any]:
 
 @torch.no_grad()
 def hidden_state_cosine_similarity(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, Any]:
-    """Mean over tokens of cos(h_{l-1}, h_l) for l = 1..n_layers (h_0: the embedding output)."""
+    """Per block l, the mean over tokens of cos(its input h_l, its output h_{l+1}); h_0 is the embedding output."""
     states: list[torch.Tensor] = []
     hooks = [model.tok_embeddings.register_forward_hook(lambda module, inputs, output: states.append(output))]
     hooks += [layer.register_forward_hook(lambda module, inputs, output: states.append(output)) for layer in model.layers]
@@ -92,7 +92,8 @@ def hidden_state_cosine_similarity(model: nn.Module, batches: list[torch.Tensor]
             hook.remove()
         model.train(was_training)
     return {"values": (sums / max(tokens, 1)).tolist(), "tokens": tokens,
-            "definition": "mean over tokens of cos(h_{l-1}, h_l), l = 1..n_layers, h_0 = embedding output"}
+            "definition": "per layer l: mean over tokens of cos(h_l, h_l+1), the layer's input and output "
+                          "(h_0 = embedding output)"}
 
 
 def resolve_model_folder(path: Path) -> tuple[Path, Path]:

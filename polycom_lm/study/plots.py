@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from polycom_lm.study.runs import RunRecord  # noqa: E402
 
@@ -259,30 +259,35 @@ def analysis_figures(analysed: dict[str, list[dict[str, Any]]], palette: dict, f
     results grouped by variant."""
     if not analysed:
         return []
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for axis, matrix in zip(axes, ("in_proj", "out_proj")):
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for axis, matrix, title in zip(axes, ("in_proj", "out_proj"), ("FFN in-projection", "FFN out-projection")):
         for variant, items in analysed.items():
             values = np.array([item["effective_rank"][matrix] for item in items], dtype=float)
             layers = np.arange(values.shape[1])
             errors = values.std(0, ddof=1) if len(values) > 1 else None
             axis.errorbar(layers, values.mean(0), yerr=errors, marker="o", markersize=3.5, capsize=2,
                           color=palette[variant], label=variant)
-        axis.set_title(f"Effective rank of the FFN {matrix.replace('_', '-')}jection (mean ± std over seeds)")
+        limit = next(iter(analysed.values()))[0]["effective_rank"].get("max_rank", {}).get(matrix)
+        axis.set_title(title + (f" (full rank: {limit})" if limit else ""))
         axis.set_xlabel("layer")
         axis.set_ylabel("effective rank (exp of singular-value entropy)")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    figure.suptitle("Effective rank of the FFN weights per layer (mean ± std over seeds; experts averaged)")
+    figure.tight_layout()
     paths = [_save(figure, folder / "effective_rank.png")]
     figure, axis = plt.subplots(figsize=(7, 4.2))
     for variant, items in analysed.items():
         values = np.array([item["cosine_similarity"]["values"] for item in items], dtype=float)
-        layers = np.arange(1, values.shape[1] + 1)
+        layers = np.arange(values.shape[1])
         errors = values.std(0, ddof=1) if len(values) > 1 else None
         axis.errorbar(layers, values.mean(0), yerr=errors, marker="o", markersize=3.5, capsize=2,
                       color=palette[variant], label=variant)
-    axis.set_title("Cosine similarity of consecutive hidden states (mean over tokens)")
-    axis.set_xlabel("layer l: cos(input of layer l, its output)")
-    axis.set_ylabel("cosine similarity")
+    axis.set_title("Cosine similarity of each layer's input and output\n(mean over validation tokens; ± std over seeds)")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("cos(hidden state in, hidden state out)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     paths.append(_save(figure, folder / "cosine_similarity.png"))

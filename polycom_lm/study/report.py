@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from polycom_lm.errors import ConfigError
 from polycom_lm.study import plots
-from polycom_lm.study.runs import FINAL_FRACTION, RunRecord, collect
+from polycom_lm.study.runs import FINAL_FRACTION, RunRecord, collect, study_variant
 from polycom_lm.study.statistics import (
     BASELINE_ACTIVATION,
     baseline_variant,
@@ -63,7 +63,9 @@ def _lr_section(studies: list[dict[str, Any]]) -> list[str]:
                   f"Each variant's {selection['key']} was chosen by a short sweep: the candidate with the lowest "
                   f"final loss on validation set {selection['validation_set']!r}; the full runs use it.", ""]
         rows = []
-        for variant, entry in selection["variants"].items():
+        variant_keys = study.get("variant_keys", [])
+        for entry in selection["variants"].values():
+            variant = study_variant(entry["grid"], variant_keys)
             losses = ", ".join(f"{lr}: {loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss)
                                else f"{lr}: diverged" for lr, loss in entry["losses"].items())
             edge = " (edge of the sweep)" if entry.get("at_edge") else ""
@@ -75,12 +77,13 @@ def _lr_section(studies: list[dict[str, Any]]) -> list[str]:
 def _results_section(stats: dict[str, dict[str, Any]], baseline: Optional[str]) -> list[str]:
     sets = sorted({name for values in stats.values() for name in values["validation"]})
     tasks = sorted({name for values in stats.values() for name in values["downstream"]})
-    header = ["variant", "seeds", "parameters", "tokens/s", "final train loss"]
+    header = ["variant", "seeds", "parameters", "peak lr", "tokens/s", "final train loss"]
     header += [f"val loss: {name}" for name in sets] + [f"{name}" for name in tasks]
     rows = []
     for variant, values in stats.items():
         row = [variant, str(len(values["runs"])), f"{values['parameters'].mean:,.0f}",
-               values["tokens_per_s"].text(0), values["train_loss"].text()]
+               ", ".join(f"{lr:g}" for lr in values["learning_rates"]), values["tokens_per_s"].text(0),
+               values["train_loss"].text()]
         row += [values["validation"][name].text() if name in values["validation"] else "—" for name in sets]
         row += [values["downstream"][name].text() if name in values["downstream"] else "—" for name in tasks]
         rows.append(row)
@@ -93,13 +96,14 @@ def _results_section(stats: dict[str, dict[str, Any]], baseline: Optional[str]) 
         return lines
     deltas = differences(stats, baseline)
     metrics = ["train_loss"] + [f"validation/{name}" for name in sets] + [f"downstream/{name}" for name in tasks] + ["tokens_per_s"]
+    labels = (["Δ final train loss"] + [f"Δ val loss: {name}" for name in sets] + [f"Δ {name}" for name in tasks]
+              + ["Δ tokens/s"])
     rows = [[variant] + [deltas[variant][m].text(0 if m == "tokens_per_s" else 4) if m in deltas[variant] else "—"
                          for m in metrics] for variant in stats if variant != baseline]
     lines += ["", f"## Difference to the {baseline} baseline", "",
               "Variant mean minus baseline mean ± the standard error of that difference, sqrt(s²/n + s_b²/n_b) "
               "(lower loss is better; with one seed no uncertainty can be given).", ""]
-    lines += _table(["variant"] + [m.replace("_", " ").replace("validation/", "Δ val loss: ").replace(
-        "downstream/", "Δ ") for m in metrics], rows)
+    lines += _table(["variant"] + labels, rows)
     return lines
 
 

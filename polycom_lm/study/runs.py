@@ -130,7 +130,8 @@ def load_run(path: Path, variant: Optional[str] = None, grid: Optional[dict[str,
     return record
 
 
-def _study_variant(grid: dict[str, Any], variant_keys: list[str]) -> str:
+def study_variant(grid: dict[str, Any], variant_keys: list[str]) -> str:
+    """The label of a study variant in reports: the value when one grid key defines variants."""
     if not variant_keys:
         return "all"
     if len(variant_keys) == 1:
@@ -150,7 +151,7 @@ def load_study_runs(folder: Path) -> tuple[list[RunRecord], list[str], dict[str,
         if not run_dir.is_absolute() and not run_dir.exists():
             run_dir = folder / "runs" / entry["name"]  # the study folder was moved
         try:
-            record = load_run(run_dir, _study_variant(entry["grid"], variant_keys), entry["grid"], study.get("name"))
+            record = load_run(run_dir, study_variant(entry["grid"], variant_keys), entry["grid"], study.get("name"))
         except ConfigError as error:
             notes.append(f"run {entry['name']} of study {study.get('name')} is left out: {error}")
             continue

@@ -84,6 +84,7 @@ def variant_statistics(runs: list[RunRecord]) -> dict[str, Any]:
         "runs": [run.name for run in runs],
         "seeds": [run.seed for run in runs],
         "activation": runs[0].activation,
+        "learning_rates": sorted({run.config.optimizer.lr for run in runs}),
         "parameters": summarize(run.parameters for run in runs),
         "tokens": summarize(run.train[-1]["tokens"] for run in runs),
         "tokens_per_s": summarize(run.tokens_per_s() for run in runs),
