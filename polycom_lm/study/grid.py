@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,7 +45,6 @@ class PlannedRun:
     config_path: Path
     output_dir: Path
     lr_pending: bool = False  # a main run under select_lr before the sweep chose its learning rate
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {

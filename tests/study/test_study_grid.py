@@ -101,3 +101,22 @@ def test_a_value_the_config_refuses_names_the_study_and_run(prepared_data, tmp_p
     path = write_study(tmp_path, prepared_data, {"model.activation": ["relu", "nonesuch"]})
     with pytest.raises(ConfigError, match=r"study.yaml: run activation-nonesuch: model.activation: unknown activation 'nonesuch'"):
         main_runs(load_study(path))
+
+
+def test_the_study_command_reports_a_bad_study_file_in_one_line(prepared_data, tmp_path, capsys):
+    from polycom_lm.cli import main
+
+    path = write_study(tmp_path, prepared_data, {"model.activaton": ["relu"]})
+    assert main(["study", str(path), "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and "model.activation" in error
+
+
+def test_launch_commands_of_the_local_and_torchrun_launchers(prepared_data, tmp_path):
+    import sys
+
+    from polycom_lm.study.runner import train_command
+
+    (run,) = main_runs(load_study(write_study(tmp_path, prepared_data, {"training.seed": [4]})))
+    assert train_command(run, "local", 1) == [sys.executable, "-m", "polycom_lm.cli", "train", str(run.config_path), "--no-progress"]
+    assert train_command(run, "torchrun", 4)[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
