@@ -23,7 +23,7 @@ from polycom_lm.errors import ConfigError
 from polycom_lm.models.flops import parameter_counts
 from polycom_lm.study.spec import SEED_KEY, key_label, value_label
 from polycom_lm.train.callbacks.metrics_file import read_metrics
-from polycom_lm.train.output import CONFIG_FILE, METRICS_FILE, read_saved_config
+from polycom_lm.train.output import CONFIG_FILE, METRICS_FILE, config_differences, read_saved_config
 
 STUDY_FILE = "study.json"
 ANALYSIS_FILE = Path("analysis") / "analysis.json"
@@ -159,9 +159,32 @@ def load_study_runs(folder: Path) -> tuple[list[RunRecord], list[str], dict[str,
     return records, notes, study
 
 
+def _label_loose_runs(records: list[RunRecord]) -> None:
+    """Runs given as folders are grouped by activation; runs of one activation whose configs differ in more
+    than the seed (say the order r) get those settings in their label, so that they are not averaged."""
+    by_activation: dict[str, list[RunRecord]] = {}
+    for record in records:
+        by_activation.setdefault(record.activation, []).append(record)
+    for runs in by_activation.values():
+        keys = sorted({key for run in runs[1:] for key in config_differences(runs[0].config, run.config)} - {SEED_KEY})
+        for run in runs:
+            if keys:
+                flat = {key: _get(run.config, key) for key in keys}
+                run.variant = f"{run.activation} (" + ", ".join(f"{key_label(k, keys)}={value_label(v)}" for k, v in flat.items()) + ")"
+                run.grid = {"model.activation": run.activation, **flat}
+
+
+def _get(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part) if not isinstance(value, dict) else value.get(part)
+    return value
+
+
 def collect(paths: list[Path]) -> tuple[list[RunRecord], list[str], list[dict[str, Any]]]:
     """Run records, notes and study records for the folders given to `compare`."""
     records: list[RunRecord] = []
+    loose: list[RunRecord] = []
     notes: list[str] = []
     studies: list[dict[str, Any]] = []
     for path in paths:
@@ -175,7 +198,9 @@ def collect(paths: list[Path]) -> tuple[list[RunRecord], list[str], list[dict[st
             notes += study_notes
             studies.append(study)
         else:
-            records.append(load_run(path))
+            loose.append(load_run(path))
+    _label_loose_runs(loose)
+    records += loose
     if not records:
         raise ConfigError(f"none of {', '.join(str(p) for p in paths)} holds a run with metrics yet")
     names = [record.name for record in records]

@@ -119,3 +119,12 @@ def test_a_study_run_without_metrics_is_a_note_and_foreign_reports_are_kept(tmp_
     with pytest.raises(ConfigError, match="was not written by polycom-lm compare"):
         write_report([study], foreign)
     assert (foreign / "report.md").read_text() == "my notes\n"
+
+
+def test_run_folders_of_one_activation_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path):
+    runs = [_run(tmp_path / "a", "polynorm", 0, 3.0, 100.0, activation_order=2),
+            _run(tmp_path / "b", "polynorm", 1, 3.2, 100.0, activation_order=2),
+            _run(tmp_path / "c", "polynorm", 0, 2.9, 100.0, activation_order=3)]
+    summary = write_report(runs, tmp_path / "report")
+    assert sorted(summary["variants"]) == ["polynorm (activation_order=2)", "polynorm (activation_order=3)"]
+    assert summary["variants"]["polynorm (activation_order=2)"]["train_loss"]["n"] == 2
