@@ -17,7 +17,7 @@ import sys
 from polycom_lm.commands.overrides import split_overrides
 from polycom_lm.errors import PolycomError
 
-COMMANDS = ["info", "config", "train", "checkpoint", "tokenizer", "preprocess"]
+COMMANDS = ["info", "config", "train", "checkpoint", "tokenizer", "preprocess", "study", "compare", "analyze"]
 CONFIG_COMMANDS = ("info", "config", "train")
 
 

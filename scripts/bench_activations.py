@@ -38,7 +38,7 @@ from polycom_lm.config import ModelConfig  # noqa: E402
 from polycom_lm.models.feedforward import FeedForward  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-POLYCOM = ("polynorm", "polyrelu", "poly")
+POLYCOM = tuple(sorted(name for name, cls in ACTIVATIONS.items() if cls.has_coefficients))  # every impl of each
 
 
 class PaperCheckpointedPolyNorm(nn.Module):

@@ -29,7 +29,8 @@ class Activation(nn.Module):
     gated = False
     # Normalises over the last dim: under tensor parallelism it needs row statistics of the full width.
     normalizes_over_width = False
-    # Carries learnable PolyCom coefficients `weight` [r] and `bias` (logged by the trainer, own weight decay).
+    # Carries learnable PolyCom coefficients `weight` [r] and `bias`, and possibly further parameters of its
+    # own (PolyPReLU's `negative_slope`): all logged by the trainer, all in the `activation` weight-decay group.
     has_coefficients = False
 
     @classmethod

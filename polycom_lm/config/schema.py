@@ -80,6 +80,13 @@ class ModelConfig:
     init_std: float = 0.02
     # Output projections (attention out, FFN out) start with std init_std / sqrt(2 * n_layers).
     init_depth_scaled: bool = True
+    # Every normal init truncated at ± init_truncation standard deviations (OLMo's init_cutoff_factor);
+    # null: not truncated.
+    init_truncation: Optional[float] = None
+    # Dropout probabilities while training (Megatron-LM's --attention-dropout / --hidden-dropout): on the
+    # attention weights; on the embedding output and on each residual branch's output before its add.
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -168,7 +175,11 @@ class ScheduleConfig:
     units: Literal["steps", "tokens"] = "steps"  # which of the *_steps / *_tokens fields count
     warmup_steps: int = 0
     warmup_tokens: int = 0
-    # Warmup-stable-decay: length of the final decay phase.
+    # Warmup rises linearly from this fraction of optimizer.lr (OLMo: 0.1) to the peak.
+    warmup_start_ratio: float = 0.0
+    # cosine / linear: where the decay reaches lr_min_ratio, counted from the start of training (0: at the
+    # end of the run). A horizon beyond the run leaves its lr on the early, slowly falling part of the
+    # curve (OLMoE: 5T tokens for a 200B run). wsd: the length of the final decay phase.
     decay_steps: int = 0
     decay_tokens: int = 0
     lr_min_ratio: float = 0.1  # final lr as a fraction of optimizer.lr

@@ -10,6 +10,7 @@ from torch import nn
 from polycom_lm.activations import ACTIVATIONS, build_activation_from_config
 from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
+from polycom_lm.models.init import normal_init_
 from polycom_lm.models.linear import Linear
 
 
@@ -46,13 +47,14 @@ class FeedForward(nn.Module):
         in_features = self.activation.in_width(self.width)
         self.in_proj = Linear(config.d_model, in_features, bias=False, impl=config.linear_impl)
         self.out_proj = Linear(self.width, config.d_model, bias=False, impl=config.linear_impl)
+        self.init_truncation = config.init_truncation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.activation(self.in_proj(x)))
 
     def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
-        nn.init.normal_(self.in_proj.weight, mean=0.0, std=init_std, generator=generator)
-        nn.init.normal_(self.out_proj.weight, mean=0.0, std=output_std, generator=generator)
+        normal_init_(self.in_proj.weight, init_std, self.init_truncation, generator)
+        normal_init_(self.out_proj.weight, output_std, self.init_truncation, generator)
         reset_activation(self.activation)
 
 

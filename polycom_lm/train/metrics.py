@@ -2,7 +2,8 @@
 
 The coefficients are the scientifically interesting signal of the project: every module with
 `has_coefficients = True` contributes `coefficients/<module path>/w<k>` (k = 0 multiplies the highest
-power) and `coefficients/<module path>/bias`. Under FSDP / tensor parallelism a coefficient may be a
+power), `coefficients/<module path>/bias` and any other parameter of its own by name (PolyPReLU's
+`coefficients/<module path>/negative_slope`). Under FSDP / tensor parallelism a coefficient may be a
 DTensor; it is gathered (a collective, so every rank computes these metrics).
 """
 
@@ -34,13 +35,14 @@ def coefficient_metrics(model: torch.nn.Module) -> dict[str, float]:
         if isinstance(weight, torch.Tensor):
             for index, value in enumerate(_full(weight).tolist()):
                 metrics[f"coefficients/{name}/w{index}"] = value
-        if isinstance(bias, torch.Tensor):
-            values = _full(bias).tolist()
+        others = [(key, value) for key, value in module.named_parameters(recurse=False) if key not in ("weight", "bias")]
+        for key, tensor in ([("bias", bias)] if isinstance(bias, torch.Tensor) else []) + others:
+            values = _full(tensor).tolist()
             if len(values) == 1:
-                metrics[f"coefficients/{name}/bias"] = values[0]
+                metrics[f"coefficients/{name}/{key}"] = values[0]
             else:
                 for index, value in enumerate(values):
-                    metrics[f"coefficients/{name}/bias{index}"] = value
+                    metrics[f"coefficients/{name}/{key}{index}"] = value
     return metrics
 
 

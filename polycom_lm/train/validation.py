@@ -137,6 +137,11 @@ def _validate_model(config: Config) -> None:
             _positive(getattr(model, key), f"model.{key}")
     for key in ("init_std", "norm_eps", "rope_theta"):
         _positive(getattr(model, key), f"model.{key}")
+    if model.init_truncation is not None:
+        _positive(model.init_truncation, "model.init_truncation", hint=" (standard deviations; null: no truncation)")
+    for key in ("attention_dropout", "hidden_dropout"):
+        if not 0.0 <= getattr(model, key) < 1.0:
+            raise ConfigError(f"model.{key}={getattr(model, key)} is invalid; it must be in [0, 1)")
 
 
 def _check_optional_packages(config: Config) -> None:
@@ -159,6 +164,8 @@ def _validate_schedule(config: Config) -> None:
     _positive(schedule.decay_tokens, "schedule.decay_tokens", allow_zero=True)
     if not 0.0 <= schedule.lr_min_ratio <= 1.0:
         raise ConfigError(f"schedule.lr_min_ratio={schedule.lr_min_ratio} is invalid; it must be in [0, 1]")
+    if not 0.0 <= schedule.warmup_start_ratio < 1.0:
+        raise ConfigError(f"schedule.warmup_start_ratio={schedule.warmup_start_ratio} is invalid; it must be in [0, 1)")
     if schedule.units == "steps":
         warmup, decay, total, unit = schedule.warmup_steps, schedule.decay_steps, training.max_steps, "steps"
     else:
@@ -170,6 +177,11 @@ def _validate_schedule(config: Config) -> None:
         warmup, decay, total, unit = schedule.warmup_tokens, schedule.decay_tokens, training.max_steps * tokens_per_step, "tokens"
     if warmup > total:
         raise ConfigError(f"schedule.warmup_{unit}={warmup} exceeds the run's {total} {unit}")
+    if schedule.name in ("cosine", "linear") and 0 < decay <= warmup:
+        raise ConfigError(
+            f"schedule.decay_{unit}={decay} is invalid for {schedule.name}: the decay must end after the warmup "
+            f"({warmup} {unit}); 0 ends it with the run"
+        )
     if schedule.name == "wsd":
         if decay <= 0 or warmup + decay > total:
             raise ConfigError(

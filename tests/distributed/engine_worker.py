@@ -115,7 +115,7 @@ def scenario_engines(output: Path, shared: Path) -> dict:
     results["fsdp_bf16"] = run_losses(
         config_with(tiny_config(backend="fsdp"), precision="bf16"), steps=3
     )
-    for activation in ("polynorm", "polyrelu", "swiglu"):
+    for activation in ("polynorm", "polyrelu", "swiglu", "polyprelu", "polyrelunorm"):
         results[f"tp2_{activation}"] = tensor_parallel_case(activation, tp=2)
         results[f"tp2_{activation}"].update(run_losses(tiny_config(activation, backend="fsdp", tp=2), steps=3))
     # Save on 2 ranks (TP 2, interleaved gated layout) after 2 steps; the test resumes on 1.

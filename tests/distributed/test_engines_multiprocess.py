@@ -83,9 +83,10 @@ def test_tensor_parallel_2_matches_single_process(results, reference, activation
     assert_matches_reference(case, reference[activation], slice(0, 3), relative=1e-5)
 
 
-def test_polynorm_naive_per_shard_norm_is_caught(results):
+@pytest.mark.parametrize("activation", ["polynorm", "polyrelunorm"])
+def test_polynorm_naive_per_shard_norm_is_caught(results, activation):
     """Without the TP row-sum reduction the same comparison fails by far more than its tolerance."""
-    assert results["tp2_polynorm"]["naive_shard_norm_relative_error"] > 1e-3
+    assert results[f"tp2_{activation}"]["naive_shard_norm_relative_error"] > 1e-3
 
 
 def test_tp2_checkpoint_resumes_on_one_process(results, reference):

@@ -1,5 +1,6 @@
 """Exact resume for real: a training process killed with SIGKILL and restarted reproduces the
-uninterrupted run's losses and gradient norms bitwise (fp32 on CPU)."""
+uninterrupted run's losses and gradient norms bitwise (fp32 on CPU), also with dropout on (its masks draw
+from the RNG streams the checkpoint restores)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,18 @@ pytestmark = pytest.mark.slow
 MAX_STEPS = 10
 
 
-def _config(prepared_data, folder, name):
+def _config(prepared_data, folder, name, dropout=0.0):
     # Steps of ~0.1 s and a checkpoint every 2 steps give the kill below room to land mid-run.
     raw = run_config(prepared_data, folder / name, max_steps=MAX_STEPS, global_batch_size=16, micro_batch_size=8,
                      seq_len=32, save_every_steps=2, eval_every_steps=0, keep_last_checkpoints=2)
+    raw["model"].update(attention_dropout=dropout, hidden_dropout=dropout)
     return write_config(folder / f"{name}.yaml", raw)
 
 
-def test_sigkilled_run_resumes_bitwise_identical(prepared_data, tmp_path):
-    reference = _config(prepared_data, tmp_path, "reference")
-    interrupted = _config(prepared_data, tmp_path, "interrupted")
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout"])
+def test_sigkilled_run_resumes_bitwise_identical(prepared_data, tmp_path, dropout):
+    reference = _config(prepared_data, tmp_path, "reference", dropout)
+    interrupted = _config(prepared_data, tmp_path, "interrupted", dropout)
     run_cli("train", str(reference), "--no-progress")
 
     process = subprocess.Popen(
