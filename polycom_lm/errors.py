@@ -20,3 +20,10 @@ class DataError(PolycomError, ValueError):
 
 class CheckpointError(PolycomError, ValueError):
     """A checkpoint is missing, corrupt or incompatible."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its class name when it has none: what a
+    one-line error quotes of a lower-level failure."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -38,7 +38,7 @@ from polycom_lm.config import ModelConfig  # noqa: E402
 from polycom_lm.models.feedforward import FeedForward  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-POLYCOM = ("polynorm", "polyrelu", "poly")
+POLYCOM = tuple(sorted(name for name, cls in ACTIVATIONS.items() if cls.has_coefficients))  # every impl of each
 
 
 class PaperCheckpointedPolyNorm(nn.Module):
@@ -104,9 +104,9 @@ def measure(variant_list: list[Variant], args, dtype: torch.dtype, device: torch
     for variant in variant_list:
         activation = variant.build().to(device=device, dtype=torch.float32)
         if kind == "alone":
-            out_width = width if width is not None else (args.ffn_hidden_size if ACTIVATIONS[variant.name].gated else 3 * args.ffn_hidden_size // 2)
-            in_width = 2 * out_width if ACTIVATIONS[variant.name].gated else out_width
-            module, in_features = activation, in_width
+            cls = ACTIVATIONS[variant.name]
+            out_width = width if width is not None else cls.parameter_matched_width(args.ffn_hidden_size)
+            module, in_features = activation, cls.in_width(out_width)
         else:
             module = ffn_block(variant.name, activation, args, dtype, device)
             in_features, out_width = args.hidden, args.hidden
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     variant_list = variants(names, impls)
     print(
         f"device {device} ({torch.get_num_threads()} threads), hidden {args.hidden}, tokens {args.tokens}, "
-        f"SwiGLU width {args.ffn_hidden_size}, non-gated width {3 * args.ffn_hidden_size // 2}, "
+        f"SwiGLU width {args.ffn_hidden_size}, non-gated width "
+        f"{ACTIVATIONS['polynorm'].parameter_matched_width(args.ffn_hidden_size)}, "
         f"best of {args.repeats} interleaved rounds after {args.warmup} warm-up"
     )
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "results": {}}

@@ -51,7 +51,7 @@ def build_config(arguments, overrides: list[str]):
 
 def measure(arguments, overrides: list[str]) -> dict:
     """This process's part of one run: losses and step times (all ranks return the same losses)."""
-    from polycom_lm.distributed import build_engine
+    from polycom_lm.distributed.parallelize import build_engine, parallelize
     from polycom_lm.models import build_model
 
     config = build_config(arguments, overrides)
@@ -59,7 +59,7 @@ def measure(arguments, overrides: list[str]) -> dict:
     engine = build_engine(config, device)
     torch.manual_seed(0)
     model = build_model(config.model, device=device)
-    engine.setup(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.1))
+    parallelize(model, config, engine, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.1))
     generator = torch.Generator().manual_seed(1)
     batch = torch.randint(0, config.model.vocab_size, (arguments.global_batch, arguments.seq_len + 1), generator=generator)
     rows = arguments.global_batch // engine.dp_world_size

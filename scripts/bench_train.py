@@ -134,7 +134,8 @@ def trainer_variant(label, model_config_, precision, flops_per_token, args) -> V
         optimizer=OptimizerConfig(lr=1e-4),
         schedule=ScheduleConfig(name="constant", warmup_steps=0),
         training=TrainingConfig(seq_len=args.seq_len, global_batch_size=args.batch, micro_batch_size=args.batch,
-                                precision=precision, compile=True, max_steps=10**6, device=args.device),
+                                precision=precision, compile=getattr(args, "compile", True), max_steps=10**6,
+                                device=args.device),
     )
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=generator)
@@ -147,7 +148,7 @@ def trainer_variant(label, model_config_, precision, flops_per_token, args) -> V
 def best_matmul_flops(device, dtype) -> float:
     """The best square-matmul rate at 1024³ and 2048³ (each the faster of ATen and the model's oneDNN
     projection path): the most demanding reference MFU and the ceiling below are measured against."""
-    return max(measure_matmul_flops(device, dtype, size=size, repeats=reps) for size, reps in ((1024, 10), (2048, 3)))
+    return max(measure_matmul_flops(device, dtype, sizes=(size,), repeats=reps) for size, reps in ((1024, 10), (2048, 3)))
 
 
 def run_group(variants: list[Variant], args, device) -> None:

@@ -1,13 +1,16 @@
-"""The PolyCom activations (ICLR 2025): PolyNorm, PolyReLU, and Poly (the un-normalised polynomial of
-the paper's ablation).
+"""The PolyCom activations (ICLR 2025): PolyNorm, PolyReLU, and the compositions of the paper's ablation.
 
-    PolyReLU(x) = Σ_i w_i relu(x)^(r-i) + b
-    PolyNorm(x) = Σ_i w_i N(x^(r-i)) + b,   N(y) = y / sqrt(mean(y², last dim) + eps)
-    Poly(x)     = Σ_i w_i x^(r-i) + b
+    PolyReLU(x)     = Σ_i w_i relu(x)^(r-i) + b
+    PolyNorm(x)     = Σ_i w_i N(x^(r-i)) + b,        N(y) = y / sqrt(mean(y², last dim) + eps)
+    Poly(x)         = Σ_i w_i x^(r-i) + b             (no composition: the un-normalised polynomial)
+    PolyPReLU(x)    = Σ_i w_i prelu(x)^(r-i) + b,    prelu(x) = x if x > 0 else a·x, a learnable
+    PolyReLUNorm(x) = Σ_i w_i N(relu(x)^(r-i)) + b   (PolyNorm of relu(x))
 
-`weight` [r] is initialised to 1/r (weight[0] multiplies the highest power), `bias` [1] to 0. None is
-gated: [..., w] → [..., w]. The implementation (`impl`) is one of `kernels.select.IMPLS`; all of them
-compute in fp32 for half-precision inputs and return the input's dtype.
+`weight` [r] is initialised to 1/r (weight[0] multiplies the highest power), `bias` [1] to 0, PolyPReLU's
+`negative_slope` a [1] to 0.25 (PyTorch's `nn.PReLU` default, He et al. 2015). None is gated:
+[..., w] → [..., w]. The implementation (`impl`) is one of `kernels.select.IMPLS`; all of them compute in
+fp32 for half-precision inputs and return the input's dtype, and the fused ones keep only x (and per-row
+inverse norms for the normalised ones) for backward.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from polycom_lm.activations.kernels import reference
-from polycom_lm.activations.kernels.fused import polynomial_fused, polynorm_fused
+from polycom_lm.activations.kernels.fused import polynomial_fused, polynorm_fused, prelu_polynomial_fused
 from polycom_lm.activations.kernels.select import IMPLS, fused_backend, resolve_impl
 from polycom_lm.activations.registry import ACTIVATIONS, Activation
 from polycom_lm.errors import ConfigError
@@ -80,6 +83,36 @@ class Poly(_ReLUOrPlainPolynomial):
     relu = False
 
 
+@ACTIVATIONS.register("polyprelu")
+class PolyPReLU(_PolynomialCoefficients):
+    """Σ_i weight[i] · prelu(x)^(r-i) + bias with prelu(x) = x for x > 0 and negative_slope · x otherwise
+    (one learnable slope per module, init 0.25); [..., w] → [..., w]. The paper's PReLU composition."""
+
+    INITIAL_SLOPE = 0.25
+
+    def __init__(self, order: int = 3, impl: str = "auto"):
+        super().__init__(order, impl)
+        # Created after the coefficients: reset_parameters (called by the base) skips it until it exists.
+        self.negative_slope = nn.Parameter(torch.full((1,), self.INITIAL_SLOPE))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        slope = getattr(self, "negative_slope", None)
+        if slope is not None:
+            with torch.no_grad():
+                slope.fill_(self.INITIAL_SLOPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = resolve_impl(self.impl, x.device, x.numel())
+        if impl == "reference":
+            return reference.polyprelu_reference(x, self.weight, self.bias, self.negative_slope)
+        if impl == "compiled":
+            from polycom_lm.activations.kernels.compiled import prelu_polynomial_compiled
+
+            return prelu_polynomial_compiled(x, self.weight, self.bias, self.negative_slope)
+        return prelu_polynomial_fused(x, self.weight, self.bias, self.negative_slope, fused_backend(x.device))
+
+
 @ACTIVATIONS.register("polynorm")
 class PolyNorm(_PolynomialCoefficients):
     """Σ_i weight[i] · N(x^(r-i)) + bias, N normalising over the last dim; [..., w] → [..., w].
@@ -91,6 +124,7 @@ class PolyNorm(_PolynomialCoefficients):
     """
 
     normalizes_over_width = True
+    relu = False  # PolyReLUNorm: the powers of relu(x)
 
     def __init__(self, order: int = 3, impl: str = "auto", eps: float = 1e-6):
         super().__init__(order, impl)
@@ -100,16 +134,25 @@ class PolyNorm(_PolynomialCoefficients):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = resolve_impl(self.impl, x.device, x.numel())
-        reducer, width = self.row_sum_reducer, self.full_width
+        reducer, width, relu = self.row_sum_reducer, self.full_width, self.relu
         if impl == "reference":
-            return reference.polynorm_reference(x, self.weight, self.bias, self.eps, reducer, width)
+            base = torch.relu(x) if relu else x
+            return reference.polynorm_reference(base, self.weight, self.bias, self.eps, reducer, width)
         if impl == "compiled":
             if reducer is None:
                 from polycom_lm.activations.kernels.compiled import polynorm_compiled
 
-                return polynorm_compiled(x, self.weight, self.bias, self.eps)
-            return polynorm_fused(x, self.weight, self.bias, self.eps, "compiled", reducer, width)
-        return polynorm_fused(x, self.weight, self.bias, self.eps, fused_backend(x.device), reducer, width)
+                return polynorm_compiled(x, self.weight, self.bias, self.eps, relu)
+            return polynorm_fused(x, self.weight, self.bias, self.eps, "inductor", reducer, width, relu)
+        return polynorm_fused(x, self.weight, self.bias, self.eps, fused_backend(x.device), reducer, width, relu)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, eps={self.eps}"
+
+
+@ACTIVATIONS.register("polyrelunorm")
+class PolyReLUNorm(PolyNorm):
+    """Σ_i weight[i] · N(relu(x)^(r-i)) + bias, N normalising over the last dim (PolyNorm of relu(x), the
+    paper's ReLU + norm composition); [..., w] → [..., w]. Tensor parallelism as for PolyNorm."""
+
+    relu = True

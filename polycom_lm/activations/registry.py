@@ -29,8 +29,25 @@ class Activation(nn.Module):
     gated = False
     # Normalises over the last dim: under tensor parallelism it needs row statistics of the full width.
     normalizes_over_width = False
-    # Carries learnable PolyCom coefficients `weight` [r] and `bias` (logged by the trainer, own weight decay).
+    # Carries learnable PolyCom coefficients `weight` [r] and `bias`, and possibly further parameters of its
+    # own (PolyPReLU's `negative_slope`): all logged by the trainer, all in the `activation` weight-decay group.
     has_coefficients = False
+
+    @classmethod
+    def parameter_matched_width(cls, gated_width: int) -> int:
+        """Output width of this activation's FFN at the parameter count of a gated FFN of width
+        `gated_width` (whose in-proj is twice as wide: 3·d·w weights in all): `gated_width` for a gated
+        activation, 3/2 of it otherwise (2·d·(3w/2) = 3·d·w). ValueError when 3/2 of it is not whole."""
+        if cls.gated:
+            return gated_width
+        if (3 * gated_width) % 2:
+            raise ValueError(f"3/2 of {gated_width} is not an integer")
+        return 3 * gated_width // 2
+
+    @classmethod
+    def in_width(cls, width: int) -> int:
+        """Width of the activation's input for an output of `width` (`[gate | up]` halves when gated)."""
+        return 2 * width if cls.gated else width
 
 
 def build_activation(name: str, **kwargs: Any) -> nn.Module:

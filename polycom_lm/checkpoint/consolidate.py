@@ -1,7 +1,7 @@
 """Turn one checkpoint step of any engine into a single model state dict (plain, unsharded tensors).
 
 - `ddp` / `fsdp` / tensor parallel: DCP folders (`.metadata` + `*.distcp`). DCP stores global tensors in
-  the canonical layout (gated in-proj as `[gate | up]`, see `checkpointing.py`), so only the `model.*`
+  the canonical layout (gated in-proj as `[gate | up]`, see `distributed/state_dict.py`), so only the `model.*`
   entries are read, without a process group, whatever world size or TP degree wrote them.
 - `deepspeed`: `<step>/deepspeed/` in DeepSpeed's format; its fp32 master weights are gathered from the
   ZeRO partitions with DeepSpeed's own `zero_to_fp32` reader, whose `torch.load` calls are restricted to

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from polycom_lm.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, load_dcp_metadata, refused_global
-from polycom_lm.errors import CheckpointError
+from polycom_lm.errors import CheckpointError, first_line
 
 METADATA_FILE = ".metadata"
 
@@ -71,5 +71,4 @@ def root_cause(error: BaseException) -> str:
         return str(error)
     if isinstance(error, pickle.UnpicklingError):
         return f"refusing to unpickle a stored item ({refused_global(error)})"
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
 
-from polycom_lm.errors import CheckpointError
+from polycom_lm.errors import CheckpointError, first_line
 
 TRUST_FLAG = "--trust-checkpoint"
 
@@ -79,7 +79,7 @@ def weights_only_load(data: Any, culprit: str, **kwargs: Any) -> Any:
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"{culprit}: refusing to unpickle it ({refused_global(error)})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise CheckpointError(f"{culprit}: unreadable ({_first_line(error)})") from None
+        raise CheckpointError(f"{culprit}: unreadable ({first_line(error)})") from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -175,8 +175,3 @@ def refused_global(error: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     detail = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
     return (detail or lines or [type(error).__name__])[0]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

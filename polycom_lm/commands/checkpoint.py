@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def find_step_directory(run_dir: Path, step: int | None) -> Path:
     """RUN_DIR/checkpoints/step_N (or the latest one when `step` is None)."""
-    from polycom_lm.train.checkpoint import latest_checkpoint, list_checkpoints, step_directory
+    from polycom_lm.checkpoint.folders import latest_checkpoint, list_checkpoints, step_directory
 
     checkpoints = run_dir / CHECKPOINTS_FOLDER
     if not run_dir.is_dir():

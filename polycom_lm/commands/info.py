@@ -1,4 +1,4 @@
-"""`polycom-lm info CONFIG [key=value ...]`: model size and cost of a config, as JSON on stdout.
+"""`polycom-lm info CONFIG [key=value | --key=value | --key value ...]`: model size and cost of a config, as JSON on stdout.
 
 The model is built on the `meta` device, so this is instant and needs no memory even for 7B presets.
 """
@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("config", help="experiment or model YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.activation=polynorm")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. model.activation=polynorm (or --model.activation=polynorm, "
+                             "--model.activation polynorm)")
     parser.set_defaults(func=run)
 
 

@@ -22,12 +22,14 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: one document per file")
     parser.add_argument("--decode-errors", choices=("strict", "replace"), default="strict",
                         help="bad UTF-8: stop with an error naming file and byte (strict) or substitute U+FFFD")
+    parser.add_argument("--newlines", choices=("normalize", "keep"), default="normalize",
+                        help="normalize: \\r\\n and lone \\r become \\n (default, as Python reads text); keep: as decoded")
 
 
 def source_options(args: argparse.Namespace):
     from polycom_lm.data.sources import SourceOptions
 
-    return SourceOptions(args.text_field, args.document_delimiter, args.decode_errors)
+    return SourceOptions(args.text_field, args.document_delimiter, args.decode_errors, args.newlines)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

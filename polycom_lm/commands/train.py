@@ -1,4 +1,4 @@
-"""`polycom-lm train CONFIG [key=value ...] [--resume [CHECKPOINT] | --overwrite]`.
+"""`polycom-lm train CONFIG [key=value | --key=value | --key value ...] [--resume [CHECKPOINT] | --overwrite]`.
 
 Runs in one process, or one per rank under `torchrun --nproc-per-node N -m polycom_lm.cli train ...`
 (or `torchrun ... $(which polycom-lm) train ...`). Rank 0 owns the console: progress bar, evaluation lines
@@ -28,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "examples:\n"
             "  polycom-lm train configs/experiments/quickstart/polynorm.yaml\n"
             "  polycom-lm train configs/experiments/quickstart/relu.yaml training.max_steps=50 optimizer.lr=1e-3\n"
+            "  polycom-lm train configs/experiments/quickstart/relu.yaml --training.max_steps=50 --optimizer.lr 1e-3\n"
             "  torchrun --nproc-per-node 2 -m polycom_lm.cli train configs/experiments/quickstart/swiglu.yaml"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,7 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("config", help="experiment YAML file (may inherit with `base:`)")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
-        help="dotted config overrides, e.g. training.max_steps=100 model.activation=polyrelu",
+        help="dotted config overrides, e.g. training.max_steps=100 model.activation=polyrelu (also spelled "
+             "--training.max_steps=100 or --training.max_steps 100, anywhere after the command)",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
@@ -60,12 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from polycom_lm.train import run_training
     from polycom_lm.train.callbacks import ConsoleLogCallback, ProgressCallback
 
-    overrides = list(args.overrides)
-    if args.resume not in (None, "latest") and "=" in args.resume and not os.path.exists(args.resume):
-        # `--resume training.max_steps=2000`: argparse took the override for the optional checkpoint path.
-        overrides.append(args.resume)
-        args.resume = "latest"
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, args.overrides)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         # Other ranks log warnings and errors only; rank 0 speaks for the run.

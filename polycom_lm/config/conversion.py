@@ -12,11 +12,6 @@ from typing import Any, Literal, Optional, Union
 
 from polycom_lm.errors import ConfigError
 
-
-def first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def from_dict(cls: type, data: Any, origins: Optional[dict[str, str]] = None, prefix: str = "") -> Any:
     """Convert a mapping into dataclass `cls`, checking keys and types recursively."""
     origins = origins or {}

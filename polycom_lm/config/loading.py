@@ -11,11 +11,58 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from polycom_lm.config.conversion import first_line, from_dict
+from polycom_lm.config.conversion import from_dict
 from polycom_lm.config.schema import Config
-from polycom_lm.errors import ConfigError
+from polycom_lm.errors import ConfigError, first_line
 
 OVERRIDE_ORIGIN = "command-line override"
+# A config is a few kilobytes. These bounds turn hostile YAML (a "billion laughs" of nested aliases, a
+# recursive alias, a huge or absurdly deep document) into a one-line error instead of a hang, a
+# MemoryError or a RecursionError.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000  # values after expanding aliases
+MAX_CONFIG_DEPTH = 64
+
+
+def safe_yaml_load(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)` within the bounds above; ConfigError naming `where` otherwise."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {len(text):,} characters is too large for a config (limit {MAX_CONFIG_BYTES:,})")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML ({first_line(error)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
+    _check_expansion(data, where)
+    return data
+
+
+def _check_expansion(data: Any, where: str) -> None:
+    """Walk `data` as the config code will (aliases expanded): refuse cycles, depth and size beyond bounds."""
+    count = 0
+    active: set[int] = set()
+
+    def walk(node: Any, depth: int) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{where}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases repeated inside "
+                f"each other); a config is a few hundred values"
+            )
+        if not isinstance(node, (dict, list)):
+            return
+        if id(node) in active:
+            raise ConfigError(f"{where}: a YAML alias refers to itself (a recursive structure is not a config)")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels; a config is a few levels deep")
+        active.add(id(node))
+        for child in node.values() if isinstance(node, dict) else node:
+            walk(child, depth + 1)
+        active.discard(id(node))
+
+    walk(data, 0)
 
 
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
@@ -47,10 +94,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip().removeprefix("--")
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key; expected a dotted key like training.max_steps")
-    try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({first_line(error)})") from None
+    value = safe_yaml_load(value_text, f"override {text!r}") if value_text.strip() else ""
     return key, value
 
 
@@ -62,9 +106,7 @@ def _load_yaml_tree(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any]
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({first_line(error)})") from None
+        data = safe_yaml_load(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
     if data is None:

@@ -80,22 +80,35 @@ class ModelConfig:
     init_std: float = 0.02
     # Output projections (attention out, FFN out) start with std init_std / sqrt(2 * n_layers).
     init_depth_scaled: bool = True
+    # Every normal init truncated at ± init_truncation standard deviations (OLMo's init_cutoff_factor);
+    # null: not truncated.
+    init_truncation: Optional[float] = None
+    # Dropout probabilities while training (Megatron-LM's --attention-dropout / --hidden-dropout): on the
+    # attention weights; on the embedding output and on each residual branch's output before its add.
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
 class DataSourceConfig:
-    """One training data source: a prepared shard folder, or a raw source that gets tokenised and cached
-    (a path / glob / directory, `hf:NAME[:CONFIG][:SPLIT]`, or `builtin:pydoc`)."""
+    """One training data source: a prepared shard folder, or a raw source (a path / glob / directory,
+    `hf:NAME[:CONFIG][:SPLIT]`, or `builtin:pydoc`) that is tokenised into the cache before training, or
+    on the fly while training (`streaming`)."""
 
     source: str = ""
     weight: float = 1.0
+    # Token budget: the source is its first max_tokens tokens (documents in order, the last one cut); the
+    # cache holds only those, and a stream starts its next epoch there. None: the whole source.
+    max_tokens: Optional[int] = None
+    streaming: Optional[bool] = None  # None: data.streaming
 
 
 @dataclass
 class ValidationSetConfig:
     name: str = ""
     source: str = ""
+    max_tokens: Optional[int] = None  # tokenise (and keep) only the first max_tokens tokens; None: all
 
 
 @dataclass
@@ -116,6 +129,13 @@ class DataConfig:
     validation: list[ValidationSetConfig] = field(default_factory=list)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cache_dir: str = ".cache/polycom_lm/data"
+    # Raw training sources: tokenise on the fly while training (true) instead of into cache_dir before step
+    # 1 (false); data.train[].streaming overrides it per source. Validation sets are always cached.
+    streaming: bool = False
+    stream_workers: int = 2  # tokeniser processes per rank for streamed sources (0: in the reader process)
+    # Preprocessed sources: visit each epoch's samples in a seeded random order (true) or in file order.
+    # Streamed sources are read in their own order either way.
+    shuffle: bool = True
     # For a raw training source without explicit validation sets: hold out this fraction of documents.
     val_fraction: float = 0.0
     preprocess_workers: int = 2
@@ -124,6 +144,9 @@ class DataConfig:
     # or "blank_lines" (one or more blank lines separate documents).
     document_delimiter: Optional[str] = None
     decode_errors: Literal["strict", "replace"] = "strict"  # bad UTF-8: an error naming file and byte, or U+FFFD
+    # normalize: \r\n and lone \r become \n in every document (as Python's text mode reads files); keep: as
+    # decoded. A UTF-8 byte order mark at the start of a file is dropped either way.
+    newlines: Literal["normalize", "keep"] = "normalize"
     document_masks: bool = False  # packed documents attend only within themselves (block-diagonal causal mask)
 
 
@@ -152,7 +175,11 @@ class ScheduleConfig:
     units: Literal["steps", "tokens"] = "steps"  # which of the *_steps / *_tokens fields count
     warmup_steps: int = 0
     warmup_tokens: int = 0
-    # Warmup-stable-decay: length of the final decay phase.
+    # Warmup rises linearly from this fraction of optimizer.lr (OLMo: 0.1) to the peak.
+    warmup_start_ratio: float = 0.0
+    # cosine / linear: where the decay reaches lr_min_ratio, counted from the start of training (0: at the
+    # end of the run). A horizon beyond the run leaves its lr on the early, slowly falling part of the
+    # curve (OLMoE: 5T tokens for a 200B run). wsd: the length of the final decay phase.
     decay_steps: int = 0
     decay_tokens: int = 0
     lr_min_ratio: float = 0.1  # final lr as a fraction of optimizer.lr
@@ -177,6 +204,7 @@ class TrainingConfig:
     compile: bool = False  # torch.compile each transformer block and the loss (every experiment config turns it on;
     # off by default so that tests and one-off runs pay no compile time)
     on_nonfinite: Literal["skip", "stop"] = "skip"  # NaN/inf loss or gradient norm: drop the update, or stop
+    max_consecutive_skips: int = 10  # `skip` stops (saving the last good state) after this many in a row
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # torch.profiler trace (Chrome JSON under <output_dir>/profile/) of steps [start, start + num_steps).
     profile_start_step: Optional[int] = None
@@ -198,12 +226,18 @@ class DistributedConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    wandb_project: str = "polycom_lm"
+    # wandb: a key set here wins; a key left unset (None) leaves the choice to wandb's own environment
+    # variable (WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_NAME, WANDB_TAGS, WANDB_DIR),
+    # and only when that is unset too does our default apply: mode offline, project polycom_lm, group the
+    # experiment name, run name and folder the run's output folder. The activation and model family are
+    # always added to the tags.
+    wandb_mode: Optional[Literal["offline", "online", "disabled"]] = None
+    wandb_project: Optional[str] = None
     wandb_entity: Optional[str] = None
-    wandb_group: Optional[str] = None  # None: the experiment name
+    wandb_group: Optional[str] = None
     wandb_run_name: Optional[str] = None
-    wandb_tags: list[str] = field(default_factory=list)
+    wandb_tags: Optional[list[str]] = None
+    wandb_dir: Optional[str] = None
     tensorboard: bool = False
     progress_bar: bool = True
     log_activation_coefficients: bool = True  # PolyNorm / PolyReLU coefficients of every layer, every log step

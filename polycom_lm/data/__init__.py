@@ -6,9 +6,16 @@
     tokenizer.py     SentencePiece / Hugging Face tokenizers behind one interface; SentencePiece training
     shards.py        the shard folder format (flat tokens + document offsets + manifest)
     preprocess.py    multi-process, streaming, deterministic tokenisation into shards
+    mixture.py       which source each sample of a weighted mixture comes from (stateless blocks)
     dataset.py       `PackedDataset` (mixture, packing, seed/epoch shuffle, sampler state = samples consumed)
                      and `ValidationDataset` (fixed order)
-    prepare.py       `prepare_run_data`: a run's data config → cached shards, built once by the main process
+    packing.py       documents → windows of seq_len + 1 tokens with a resumable position (for streams)
+    stream_worker.py the process that reads, tokenises (in a pool) and packs streamed sources
+    stream.py        `StreamingDataset` (on-the-fly batches, position saved in checkpoints) and
+                     `build_train_dataset` (streaming or packed, from the prepared sources)
+    hub.py           tokenizers by Hugging Face hub id, through the local Hugging Face cache
+    prepare.py       `prepare_run_data`: a run's data config → cached shards (built once by the main
+                     process) and sources to stream
 """
 
 import importlib
@@ -17,6 +24,8 @@ import importlib
 # `polycom_lm.data.preprocess`, do not pay for torch.
 _EXPORTS = {
     "PackedDataset": "dataset",
+    "StreamingDataset": "stream",
+    "build_train_dataset": "stream",
     "ValidationDataset": "dataset",
     "PreparedData": "prepare",
     "prepare_run_data": "prepare",

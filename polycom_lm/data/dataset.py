@@ -8,10 +8,11 @@ token, so every token but the first is a target exactly once per epoch).
 Global sample `g` is mapped without any state:
 1. mixture: `g` falls in block `g // MIXTURE_BLOCK`; each block holds a fixed count of samples of every
    shard (the weights, rounded by largest remainder), in an order shuffled by (seed, block); so the
-   `i`-th sample of shard `s` in a block is that shard's sample number `block * count[s] + i`;
+   `i`-th sample of shard `s` in a block is that shard's sample number `block * count[s] + i` (`mixture.py`);
 2. epochs: shard-local sample number `k` is position `k % n` of epoch `k // n` of that shard (`n` its
    samples per epoch), and each epoch visits the shard's samples in a permutation seeded by
-   (seed, shard, epoch). Small shards with large weights are therefore repeated, reshuffled each time.
+   (seed, shard, epoch), or in file order with `shuffle=False`. Small shards with large weights are
+   therefore repeated, reshuffled each time.
 
 The sampler's whole state is the number of global samples consumed: the same global batch comes out for
 any number of data-parallel ranks, and each rank reads its own contiguous slice of it.
@@ -26,28 +27,11 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from polycom_lm.data.shards import Shard, read_shard
+from polycom_lm.data.mixture import MIXTURE_BLOCK, block_layout, checked_counts, epoch_order
+from polycom_lm.data.shards import Shard, document_ids, read_shard
 from polycom_lm.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-MIXTURE_BLOCK = 4096
-
-
-def _block_counts(weights: np.ndarray, block: int) -> np.ndarray:
-    """Integer samples per shard in one block, proportional to `weights` (largest remainder)."""
-    exact = weights / weights.sum() * block
-    counts = np.floor(exact).astype(np.int64)
-    order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[: block - counts.sum()]] += 1
-    return counts
-
-
-def _document_ids(shard: Shard, start: int, length: int) -> np.ndarray:
-    """Per-token document number within one sample, starting at 0: [length] int64."""
-    positions = np.arange(start, start + length, dtype=np.int64)
-    documents = np.searchsorted(shard.offsets, positions, side="right") - 1
-    return documents - documents[0]
 
 
 def _open_consistent(paths: list[Path]) -> list[Shard]:
@@ -68,32 +52,29 @@ class PackedDataset:
     Args:
         shards: (shard folder, weight) pairs; weights are relative (any positive numbers).
         seq_len: tokens of model input per sample; samples hold `seq_len + 1` tokens.
-        seed: shuffles the mixture order and every shard's epochs.
+        seed: shuffles the mixture order and (with `shuffle`) every shard's epochs.
         document_ids: also return per-token document numbers (for document-masked attention).
+        shuffle: visit each epoch's samples in a seeded random order; False: in file order.
     """
 
-    def __init__(self, shards: list[tuple[Path, float]], seq_len: int, seed: int, document_ids: bool = False):
+    def __init__(self, shards: list[tuple[Path, float]], seq_len: int, seed: int, document_ids: bool = False,
+                 shuffle: bool = True):
         if not shards:
             raise DataError("no training shards given")
         if seq_len < 1:
             raise DataError(f"seq_len must be positive, got {seq_len}")
+        self.block_counts = checked_counts([weight for _, weight in shards], [str(path) for path, _ in shards])
         weights = np.array([float(weight) for _, weight in shards], dtype=np.float64)
-        for (path, weight) in shards:
-            if not weight > 0:
-                raise DataError(f"{path}: mixture weight {weight} must be positive")
         self.shards = _open_consistent([Path(path) for path, _ in shards])
         self.seq_len = seq_len
         self.seed = seed
+        self.shuffle = shuffle
         self.with_document_ids = document_ids
         self.samples_per_epoch = np.array([(shard.num_tokens - 1) // seq_len for shard in self.shards], dtype=np.int64)
         for shard, count in zip(self.shards, self.samples_per_epoch):
             if count == 0:
                 raise DataError(f"{shard.path}: {shard.num_tokens} tokens are too few for one sample of {seq_len + 1}")
         self.weights = weights / weights.sum()
-        self.block_counts = _block_counts(weights, MIXTURE_BLOCK)
-        for shard, count, weight in zip(self.shards, self.block_counts, self.weights):
-            if count == 0:
-                raise DataError(f"{shard.path}: weight fraction {weight:.2e} is below the mixture's resolution 1/{MIXTURE_BLOCK}")
         self.vocab_size = self.shards[0].vocab_size
         self.eos_id = int(self.shards[0].manifest["eos_id"])
         self.tokenizer_dir = self.shards[0].tokenizer_dir
@@ -106,13 +87,7 @@ class PackedDataset:
         """(shard of each position [MIXTURE_BLOCK], rank of the position among its shard's in the block)."""
         if block in self._blocks:
             return self._blocks[block]
-        owners = np.repeat(np.arange(len(self.shards)), self.block_counts)
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x6D6978, block]))
-        owners = owners[rng.permutation(MIXTURE_BLOCK)]
-        ranks = np.empty(MIXTURE_BLOCK, dtype=np.int64)
-        for shard in range(len(self.shards)):
-            where = owners == shard
-            ranks[where] = np.arange(int(where.sum()))
+        owners, ranks = block_layout(self.block_counts, self.seed, block)
         if len(self._blocks) >= 4:  # a global batch spans at most a few consecutive blocks
             self._blocks.pop(next(iter(self._blocks)))
         self._blocks[block] = (owners, ranks)
@@ -125,8 +100,7 @@ class PackedDataset:
         if epoch not in cached:
             if len(cached) >= 2:
                 cached.pop(next(iter(cached)))
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, shard, epoch]))
-            cached[epoch] = rng.permutation(int(self.samples_per_epoch[shard]))
+            cached[epoch] = epoch_order(int(self.samples_per_epoch[shard]), self.seed, shard, epoch, self.shuffle)
         return cached[epoch]
 
     def locate(self, global_index: int) -> tuple[int, int]:
@@ -146,8 +120,19 @@ class PackedDataset:
         shard_number, start = self.locate(global_index)
         shard = self.shards[shard_number]
         tokens = np.asarray(shard.tokens[start : start + self.seq_len + 1], dtype=np.int64)
-        documents = _document_ids(shard, start, self.seq_len + 1) if self.with_document_ids else None
+        documents = document_ids(shard, start, self.seq_len + 1) if self.with_document_ids else None
         return tokens, documents
+
+    def state_dict(self) -> dict:
+        """Empty: the whole position is the trainer's `consumed_samples` (the training-dataset protocol that
+        `StreamingDataset` shares: `global_batch`, `state_dict`, `load_state_dict`, `close`)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore (see `state_dict`)."""
+
+    def close(self) -> None:
+        """Nothing to release: the shards are memory-mapped."""
 
     def global_batch(self, consumed_samples: int, global_batch_size: int, dp_rank: int,
                      dp_world_size: int) -> dict[str, torch.Tensor]:

@@ -3,6 +3,11 @@
 Every reader yields documents (str) one at a time, so memory stays flat whatever the file size (except
 one-document-per-file text and `.json`, which are whole by nature). Bad input raises a one-line
 DataError naming the file and the byte offset or line.
+
+Text is cleaned the way Python's text mode and `datasets`' text loader read it: a UTF-8 byte order mark at
+the start of a file is dropped, and with `newlines="normalize"` (the default everywhere) `\r\n` and a lone
+`\r` become `\n` (`normalize_newlines`), also inside JSON and parquet strings; `newlines="keep"` keeps
+the decoded text as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 # `document_delimiter` value meaning "one or more blank lines separate documents".
 BLANK_LINES = "blank_lines"
+NEWLINE_MODES = ("normalize", "keep")
 _BOM = "\ufeff"
+
+
+def normalize_newlines(text: str) -> str:
+    """`\r\n` and lone `\r` → `\n` (Python's universal newlines)."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _decode(data: bytes, path: Path, offset: int, errors: str) -> str:
@@ -33,15 +46,9 @@ def _decode(data: bytes, path: Path, offset: int, errors: str) -> str:
         ) from None
 
 
-def read_text(path: Path, delimiter: Optional[str], errors: str = "strict") -> Iterator[str]:
-    """Documents of a text file: the whole file, or the runs of lines between `delimiter` lines (a line
-    equal to the delimiter after stripping), or between blank lines when `delimiter` is `blank_lines`."""
-    if delimiter is None:
-        text = _decode(path.read_bytes(), path, 0, errors).removeprefix(_BOM)
-        if text.strip():
-            yield text
-        return
-    lines: list[str] = []
+def _text_lines(path: Path, errors: str, newlines: str) -> Iterator[str]:
+    """The decoded lines of a text file, each with its ending; with `normalize`, `\r\n` and lone `\r`
+    end lines too and become `\n` (binary reading splits at `\n` only)."""
     offset = 0
     with open(path, "rb") as handle:
         for raw in handle:
@@ -49,15 +56,37 @@ def read_text(path: Path, delimiter: Optional[str], errors: str = "strict") -> I
             if offset == 0:
                 line = line.removeprefix(_BOM)
             offset += len(raw)
-            stripped = line.strip()
-            boundary = (not stripped) if delimiter == BLANK_LINES else (stripped == delimiter)
-            if boundary:
-                document = "".join(lines).strip("\n")
-                lines = []
-                if document.strip():
-                    yield document
-            else:
-                lines.append(line)
+            if newlines == "keep" or "\r" not in line:
+                yield line
+                continue
+            # Not str.splitlines: it also splits at \v, \f, \x1c-\x1e, \x85 and U+2028, which are text here.
+            *complete, last = normalize_newlines(line).split("\n")
+            yield from (part + "\n" for part in complete)
+            if last:
+                yield last
+
+
+def read_text(path: Path, delimiter: Optional[str], errors: str = "strict", newlines: str = "normalize") -> Iterator[str]:
+    """Documents of a text file: the whole file, or the runs of lines between `delimiter` lines (a line
+    equal to the delimiter after stripping), or between blank lines when `delimiter` is `blank_lines`."""
+    if delimiter is None:
+        text = _decode(path.read_bytes(), path, 0, errors).removeprefix(_BOM)
+        if newlines == "normalize":
+            text = normalize_newlines(text)
+        if text.strip():
+            yield text
+        return
+    lines: list[str] = []
+    for line in _text_lines(path, errors, newlines):
+        stripped = line.strip()
+        boundary = (not stripped) if delimiter == BLANK_LINES else (stripped == delimiter)
+        if boundary:
+            document = "".join(lines).strip("\n")
+            lines = []
+            if document.strip():
+                yield document
+        else:
+            lines.append(line)
     document = "".join(lines).strip("\n")
     if document.strip():
         yield document
@@ -130,8 +159,10 @@ def read_parquet(path: Path, text_field: str, batch_rows: int = 1024) -> Iterato
                 yield document
 
 
-def read_file(path: Path, text_field: str, delimiter: Optional[str], errors: str = "strict") -> Iterator[str]:
-    """Dispatch on the suffix; files with other suffixes are read as plain text."""
+def read_file(path: Path, text_field: str, delimiter: Optional[str], errors: str = "strict",
+              newlines: str = "normalize") -> Iterator[str]:
+    """Dispatch on the suffix; files with other suffixes are read as plain text. Newlines inside JSON and
+    parquet strings are left to the caller (`Source.documents` normalises every document)."""
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
         return read_jsonl(path, text_field, errors)
@@ -139,4 +170,4 @@ def read_file(path: Path, text_field: str, delimiter: Optional[str], errors: str
         return read_json(path, text_field, errors)
     if suffix in PARQUET_SUFFIXES:
         return read_parquet(path, text_field)
-    return read_text(path, delimiter, errors)
+    return read_text(path, delimiter, errors, newlines)

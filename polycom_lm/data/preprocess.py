@@ -19,19 +19,22 @@ import hashlib
 import itertools
 import logging
 import multiprocessing
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from polycom_lm.data import shards
+from polycom_lm.data.packing import truncate_chunk
 from polycom_lm.data.sources import SourceOptions, open_source
 from polycom_lm.data.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer
 from polycom_lm.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]  # (tokens written, documents written) since the last call
+# (tokens, documents, UTF-8 bytes of text) tokenised since the last call
+ProgressCallback = Callable[[int, int, int], None]
 
 _worker_tokenizer: Optional[Tokenizer] = None
 
@@ -58,8 +61,37 @@ def encode_chunk(tokenizer: Tokenizer, texts: Sequence[str], dtype: np.dtype,
     return tokens, lengths, mask
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when the process that started it dies, even by SIGKILL (which gives the
+    parent no chance to stop its pool): the kernel's parent-death signal on Linux, and a watchdog thread
+    that notices the re-parenting everywhere else."""
+    import ctypes
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _init_worker(tokenizer_dir: str, parent_pid: int) -> None:
     global _worker_tokenizer
+    _die_with_parent(parent_pid)
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
@@ -84,29 +116,36 @@ def chunk_documents(documents: Iterable[str], chunk_chars: int, max_documents: i
 
 def _encoded_chunks(chunks: Iterator[list[str]], tokenizer: Tokenizer, workers: int, dtype: np.dtype,
                     val_fraction: float):
-    """Encoded chunks in input order; in-process for one worker, else a bounded pipeline of processes."""
+    """(encoded chunk, UTF-8 bytes of its text) in input order; in-process for one worker, else a bounded
+    pipeline of processes."""
     if workers <= 1:
         for chunk in chunks:
-            yield encode_chunk(tokenizer, chunk, dtype, val_fraction)
+            yield encode_chunk(tokenizer, chunk, dtype, val_fraction), _text_bytes(chunk)
         return
     # spawn: safe whatever threads the parent runs (torch, tqdm). An executor, unlike multiprocessing.Pool,
     # raises BrokenProcessPool when a worker dies instead of waiting forever.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                                initargs=(str(tokenizer.directory),)) as pool:
+                                                initargs=(str(tokenizer.directory), os.getpid())) as pool:
         pending: collections.deque = collections.deque()
         try:
             for chunk in chunks:
-                pending.append(pool.submit(_encode_in_worker, chunk, dtype.str, val_fraction))
+                pending.append((pool.submit(_encode_in_worker, chunk, dtype.str, val_fraction), _text_bytes(chunk)))
                 if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
+                    future, size = pending.popleft()
+                    yield future.result(), size
             while pending:
-                yield pending.popleft().result()
+                future, size = pending.popleft()
+                yield future.result(), size
         except concurrent.futures.process.BrokenProcessPool as error:
             raise RuntimeError(f"a tokeniser worker process died ({error})") from error
         finally:
-            for future in pending:
+            for future, _ in pending:
                 future.cancel()
+
+
+def _text_bytes(texts: list[str]) -> int:
+    return sum(len(text.encode("utf-8", errors="surrogatepass")) for text in texts)
 
 
 def _write_split(writer: shards.ShardWriter, tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> None:
@@ -119,14 +158,18 @@ def _write_split(writer: shards.ShardWriter, tokens: np.ndarray, lengths: np.nda
 def preprocess(sources: Sequence[str], tokenizer_dir: Path, out: Path, *, workers: int = 1,
                val_fraction: float = 0.0, val_sources: Sequence[str] = (),
                options: SourceOptions = SourceOptions(), progress: Optional[ProgressCallback] = None,
-               chunk_chars: int = 1 << 20) -> dict[str, Path]:
+               chunk_chars: int = 1 << 20, max_tokens: Optional[int] = None) -> dict[str, Path]:
     """Tokenise `sources` into `out/train` (and `out/validation`). Returns {"train": path, ...}.
 
     `val_fraction` holds out that fraction of the training sources' documents; `val_sources` are
-    tokenised into validation instead (give one or the other). `out` must not exist yet.
+    tokenised into validation instead (give one or the other). `max_tokens` is a budget per source (training
+    and validation sources alike): its first `max_tokens` tokens, the last document cut, then reading stops.
+    `out` must not exist yet.
     """
     if not sources:
         raise DataError("no data source given")
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"max_tokens must be positive, got {max_tokens}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction {val_fraction} must be in [0, 1)")
     if val_fraction > 0.0 and val_sources:
@@ -140,14 +183,18 @@ def preprocess(sources: Sequence[str], tokenizer_dir: Path, out: Path, *, worker
     dtype = shards.token_dtype(tokenizer.vocab_size)
     train_sources = [open_source(spec, options) for spec in sources]
     validation_sources = [open_source(spec, options) for spec in val_sources]
-    settings = {"options": options.describe(), "val_fraction": val_fraction}
+    settings = {"options": options.describe(), "val_fraction": val_fraction, "max_tokens": max_tokens}
 
     def describe(group) -> str:
         return " + ".join(source.describe() for source in group)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = shards.partial_dir(out)
-    partial.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shards.remove_stale_partials(out.parent)
+        partial = shards.partial_dir(out)
+        partial.mkdir()
+    except OSError as error:
+        raise DataError(f"cannot create output folder {out} ({error.strerror or type(error).__name__})") from None
     writers: list[shards.ShardWriter] = []
     try:
         train = shards.ShardWriter(partial / "train", tokenizer.vocab_size, tokenizer.eos_id, tokenizer.describe(),
@@ -161,17 +208,29 @@ def preprocess(sources: Sequence[str], tokenizer_dir: Path, out: Path, *, worker
             writers.append(validation)
 
         def run(group, writer, split_writer=None):
-            documents = itertools.chain.from_iterable(source.documents() for source in group)
-            chunks = chunk_documents(documents, chunk_chars)
             fraction = val_fraction if split_writer is not None else 0.0
-            for tokens, lengths, mask in _encoded_chunks(chunks, tokenizer, workers, dtype, fraction):
-                if mask is None:
-                    writer.write(tokens, lengths)
-                else:
-                    _write_split(writer, tokens, lengths, ~mask)
-                    _write_split(split_writer, tokens, lengths, mask)
-                if progress is not None:
-                    progress(int(tokens.size), int(lengths.size))
+            # One source after the other, so that each stops at its own budget.
+            for source in group:
+                written = 0
+                chunks = chunk_documents(source.documents(), chunk_chars)
+                encoded = _encoded_chunks(chunks, tokenizer, workers, dtype, fraction)
+                try:
+                    for (tokens, lengths, mask), size in encoded:
+                        if max_tokens is not None and written + tokens.size > max_tokens:
+                            tokens, lengths, mask = truncate_chunk(tokens, lengths, mask, max_tokens - written)
+                        written += int(tokens.size)
+                        if mask is None:
+                            writer.write(tokens, lengths)
+                        else:
+                            _write_split(writer, tokens, lengths, ~mask)
+                            _write_split(split_writer, tokens, lengths, mask)
+                        if progress is not None:
+                            progress(int(tokens.size), int(lengths.size), size)
+                        if max_tokens is not None and written >= max_tokens:
+                            logger.info("%s: stopped at its budget of %d tokens", source.spec, max_tokens)
+                            break
+                finally:
+                    encoded.close()  # stops the pool and its chunks in flight when the budget ends reading early
 
         run(train_sources, train, validation if val_fraction > 0.0 else None)
         if validation_sources:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,13 @@ def read_shard(path: Path) -> Shard:
     return Shard(path=path, manifest=manifest, tokens=tokens, offsets=offsets)
 
 
+def document_ids(shard: Shard, start: int, length: int) -> np.ndarray:
+    """Per-token document number of tokens [start, start + length) of `shard`, starting at 0: [length] int64."""
+    positions = np.arange(start, start + length, dtype=np.int64)
+    documents = np.searchsorted(shard.offsets, positions, side="right") - 1
+    return documents - documents[0]
+
+
 class ShardWriter:
     """Streams documents into a shard folder under construction (`<final>.partial` inside a temporary
     parent), so memory stays flat. `finish()` writes the manifest; the caller renames the parent."""
@@ -226,3 +234,89 @@ def commit_dir(partial: Path, final: Path) -> None:
 
 def remove_partial(partial: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # somebody else's live process
+    return True
+
+
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Delete `*.partial-PID-*` folders in `parent` left by writers that were killed (their PID is not a
+    live process on this machine); a live writer's folder is left alone. Returns what was removed."""
+    removed = []
+    if not Path(parent).is_dir():
+        return removed
+    pattern = re.compile(re.escape(PARTIAL_SUFFIX) + r"-(\d+)-[0-9a-f]+$")
+    for child in Path(parent).iterdir():
+        match = pattern.search(child.name)
+        if match and child.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ integrity
+
+VERIFIED_DIR = "verified"
+_HASH_BLOCK = 8 << 20
+
+
+def _file_identity(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "device": stat.st_dev}
+
+
+def verify_shard(path: Path, cache_dir: Path, model_vocab_size: Optional[int] = None) -> bool:
+    """Check a shard before training reads it: its manifest's `max_token_id` fits `model_vocab_size`, and
+    `tokens.bin` hashes to the manifest's `tokens_sha256` (a zeroed or bit-flipped file of the right size
+    would otherwise train silently on garbage).
+
+    Hashing reads the whole file once (about 1-2 GB/s), so the result is cached in `cache_dir/verified/`
+    per file identity (size, modification time, inode, device): a shard is hashed again only when its
+    file changed. Returns True when it was hashed now, False when the cache vouched for it. DataError on
+    any mismatch."""
+    shard = read_shard(path)
+    manifest = shard.manifest
+    if model_vocab_size is not None and manifest["max_token_id"] >= model_vocab_size:
+        raise DataError(
+            f"{shard.path}: token ids go up to {manifest['max_token_id']} but model.vocab_size is "
+            f"{model_vocab_size}; set model.vocab_size > {manifest['max_token_id']} or use a matching tokenizer"
+        )
+    expected = manifest.get("tokens_sha256")
+    if not isinstance(expected, str):
+        return False  # shards written before digests were recorded
+    tokens_file = shard.path / TOKENS
+    identity = _file_identity(tokens_file)
+    record_path = Path(cache_dir) / VERIFIED_DIR / (
+        hashlib.sha256(str(tokens_file.resolve()).encode("utf-8")).hexdigest()[:32] + ".json"
+    )
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("identity") == identity and record.get("tokens_sha256") == expected:
+            return False
+    except (OSError, ValueError):
+        pass
+    digest = hashlib.sha256()
+    with open(tokens_file, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise DataError(
+            f"{tokens_file} does not match its manifest (sha256 {digest.hexdigest()[:16]}... instead of "
+            f"{expected[:16]}...): the file is corrupt or was changed; re-create the shard with `polycom-lm preprocess`"
+        )
+    try:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = record_path.with_name(f".{record_path.name}.tmp-{os.getpid()}")
+        temporary.write_text(json.dumps({"path": str(tokens_file), "identity": identity, "tokens_sha256": expected}),
+                             encoding="utf-8")
+        os.replace(temporary, record_path)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return True

@@ -1,11 +1,10 @@
-"""Parallelism applied to a built model from outside: engines (`ddp`, `fsdp`, `deepspeed`) registered in
-`ENGINES`, tensor parallelism (`tensor_parallel.py`) on a `("dp", "tp")` mesh (`mesh.py`), and DCP
-checkpoints that reshard across world sizes and TP degrees (`checkpointing.py`).
+"""Parallelism applied to a built model from outside (models never import torch.distributed).
 
-Importing this package registers every engine; DeepSpeed itself is imported only when its engine is used.
+Read in this order: `parallelize.py` (config → engine → the ordered transformations), `mesh.py`
+(process groups, device meshes, degree checks), `engine.py` (the contract; engines `ddp.py`, `fsdp.py`,
+`deepspeed_engine.py` own data parallelism, optimizer wrapping and checkpoint format), the
+transformations `tensor_parallel.py` and `expert_parallel.py`, and the state they share: `state_dict.py`
+(canonical checkpoint layout), `gradients.py` (global norm), `local_shards.py`.
+
+This package imports nothing on its own: import `polycom_lm.distributed.parallelize` for the entry points.
 """
-
-from polycom_lm.distributed.engine import ENGINES, Engine, build_engine
-from polycom_lm.distributed import ddp, deepspeed_engine, fsdp  # noqa: F401,E402  (register the engines)
-
-__all__ = ["ENGINES", "Engine", "build_engine"]

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import socket
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
@@ -33,14 +31,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from polycom_lm.checkpoint.safe_load import deepspeed_loading
 from polycom_lm.config import Config
-from polycom_lm.distributed.ddp import init_process_group_from_environment
 from polycom_lm.distributed.engine import ENGINES, Engine, OptimizerFactory
-from polycom_lm.distributed.mesh import current_world, validate_parallel_config
-from polycom_lm.errors import CheckpointError, ConfigError
+from polycom_lm.errors import CheckpointError, ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
+SUPPORTED_ZERO_STAGES = (1, 2, 3)
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files live in <step directory>/deepspeed/
 
 
@@ -94,73 +92,53 @@ def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
             into[key] = value
 
 
-def _init_single_process_group(device: torch.device) -> bool:
-    """DeepSpeed needs a process group even on one process; make a private one on a free local port."""
-    if dist.is_initialized():
-        return False
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    # DeepSpeed reads its coordinates from the environment, as a launcher would have set them.
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    return True
-
-
 @ENGINES.register("deepspeed")
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO 1/2/3 data parallelism."""
 
-    def __init__(self, config: Config, device: torch.device):
-        super().__init__(config, device)
-        world_size, _ = current_world()
-        world_size = max(world_size, int(os.environ.get("WORLD_SIZE", "1")))
-        validate_parallel_config(config, world_size)
-        self._owns_process_group = init_process_group_from_environment(device, config.distributed.timeout_minutes)
-        if not self._owns_process_group and not dist.is_initialized():
-            self._owns_process_group = _init_single_process_group(device)
+    needs_process_group = True
+
+    @classmethod
+    def check_config(cls, config: Config, world_size: int) -> None:
+        distributed = config.distributed
+        if distributed.zero_stage not in SUPPORTED_ZERO_STAGES:
+            raise ConfigError(
+                f"distributed.zero_stage={distributed.zero_stage} is not a ZeRO stage; valid: "
+                f"{', '.join(map(str, SUPPORTED_ZERO_STAGES))}"
+            )
+        for key in ("tp", "ep"):
+            if getattr(distributed, key) > 1:
+                raise ConfigError(
+                    f"distributed.backend='deepspeed' does not compose with distributed.{key} > 1 here; "
+                    f"use backend 'fsdp' or 'ddp' for {'tensor' if key == 'tp' else 'expert'} parallelism"
+                )
+
+    def __init__(self, config: Config, device: torch.device, mesh) -> None:
+        super().__init__(config, device, mesh)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-        self._world_size, self._rank = current_world()
         self._engine: Optional[Any] = None
         self._stepped = False
 
-    @property
-    def dp_rank(self) -> int:
-        return self._rank
-
-    @property
-    def dp_world_size(self) -> int:
-        return self._world_size
-
-    @property
-    def is_main_process(self) -> bool:
-        return self._rank == 0
-
-    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
+    def wrap(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
         import deepspeed
 
-        self.deepspeed_config = build_deepspeed_config(self.config, self._world_size)
+        self.deepspeed_config = build_deepspeed_config(self.config, self.dp_world_size)
         optimizer = build_optimizer(model)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.deepspeed_config
         )
         self._engine = engine
+        self.module = engine.module
         self.model = engine
         # The schedule sets lr on these param_groups; DeepSpeed's wrappers share the torch optimizer's.
         self.optimizer = ds_optimizer
         logger.info(
             "deepspeed: ZeRO stage %d over %d ranks, bf16 %s",
-            self.deepspeed_config["zero_optimization"]["stage"], self._world_size,
+            self.deepspeed_config["zero_optimization"]["stage"], self.dp_world_size,
             self.deepspeed_config["bf16"]["enabled"],
         )
-
-    def unwrapped_model(self) -> nn.Module:
-        assert self._engine is not None, "setup() has not been called"
-        return self._engine.module
 
     def micro_batch_context(self, is_last_micro_batch: bool) -> ContextManager:
         self._engine.set_gradient_accumulation_boundary(is_last_micro_batch)
@@ -187,19 +165,10 @@ class DeepSpeedEngine(Engine):
         self._stepped = False
         self._engine.zero_grad()
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._world_size == 1:
-            return tensor
-        reduced = tensor.detach().clone()
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        return reduced
-
     def save_checkpoint(self, directory: Path) -> None:
         self._engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
 
     def load_checkpoint(self, directory: Path, trust_checkpoint: bool = False) -> None:
-        from polycom_lm.checkpoint.safe_load import deepspeed_loading
-
         if not (Path(directory) / CHECKPOINT_TAG).is_dir():
             raise CheckpointError(
                 f"{directory}: no DeepSpeed checkpoint ({CHECKPOINT_TAG}/ missing); a checkpoint from another "
@@ -211,13 +180,8 @@ class DeepSpeedEngine(Engine):
         except CheckpointError:
             raise
         except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise CheckpointError(
-                f"{directory}: DeepSpeed could not load {CHECKPOINT_TAG}/ ({type(error).__name__}: {first_line})"
+                f"{directory}: DeepSpeed could not load {CHECKPOINT_TAG}/ ({type(error).__name__}: {first_line(error)})"
             ) from None
         if path is None:
             raise CheckpointError(f"{directory}: DeepSpeed could not load {CHECKPOINT_TAG}/")
-
-    def close(self) -> None:
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()

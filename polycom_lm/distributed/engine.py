@@ -1,8 +1,13 @@
-"""The seam between the training loop and the parallelism strategies.
+"""The seam between the training loop and data parallelism.
 
-An `Engine` takes a plain, single-device model (built by `polycom_lm.models.build_model`) and applies a
-parallelism strategy to it from outside: DDP, FSDP2, DeepSpeed ZeRO, tensor / expert parallelism. The loop
-only ever talks to this interface, so adding an engine never touches the loop.
+An engine is chosen by its registered name alone (`distributed.backend`: `ddp`, `fsdp`, `deepspeed`). It
+owns three things and nothing else:
+- data parallelism: how the (already tensor / expert parallel) model is wrapped across data-parallel
+  ranks (`wrap`), what one micro-batch runs under (`micro_batch_context`), backward and the step;
+- its optimizer wrapping (DeepSpeed wraps ours; the others use it as built);
+- its checkpoint format (`save_checkpoint` / `load_checkpoint`).
+Tensor and expert parallelism, activation checkpointing and compilation are transformations applied
+before `wrap`, in order, by `parallelize.parallelize`; process groups and meshes come from `mesh.py`.
 
 Contract every engine keeps:
 - Data-parallel coordinates (`dp_rank`, `dp_world_size`) say which slice of each global batch this rank
@@ -12,20 +17,28 @@ Contract every engine keeps:
   before `backward`, which makes the update equal to the single-process one.
 - `clip_grad_norm` returns the global gradient norm (over all shards and ranks), before clipping.
 - Checkpoints are directories; `save_checkpoint` / `load_checkpoint` handle model and optimizer state
-  (and the engine's own, e.g. DeepSpeed's), and must allow resuming on a different world size where the
-  engine supports it. The loop writes its own state (step, tokens, data position, RNG) beside them.
+  (and the engine's own, e.g. DeepSpeed's) and must allow resuming on a different world size where the
+  engine supports it. Loading never unpickles anything but tensors and known checkpoint classes. The
+  loop writes its own state (step, tokens, data position, RNG) beside them.
+- `check_config` rejects settings the engine cannot run, with one line naming the key, before any
+  process group or model exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from polycom_lm.checkpoint.dcp import load_dcp, save_dcp
 from polycom_lm.config import Config
+from polycom_lm.distributed.gradients import clip_gradients_, global_gradient_norm
+from polycom_lm.distributed.mesh import ParallelMesh
+from polycom_lm.distributed.state_dict import canonical_state, load_canonical_state
 from polycom_lm.registry import Registry
 
 ENGINES = Registry("distributed backend")
@@ -34,36 +47,54 @@ OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 class Engine:
-    """Base class. Subclasses register with `@ENGINES.register("name")`."""
+    """Base class: the DCP checkpoints, gradient norm and data-parallel reductions that `ddp` and `fsdp`
+    share. Subclasses register with `@ENGINES.register("name")` and implement `wrap`."""
 
-    def __init__(self, config: Config, device: torch.device):
+    # DeepSpeed needs a process group even on one process.
+    needs_process_group = False
+
+    def __init__(self, config: Config, device: torch.device, mesh: ParallelMesh):
         self.config = config
         self.device = device
+        self.mesh = mesh
+        self.module: Optional[nn.Module] = None  # the plain (possibly tensor / expert parallel) model
         self.model: nn.Module  # what the loop calls: model(input_ids) -> logits
         self.optimizer: torch.optim.Optimizer
+
+    # -- configuration
+    @classmethod
+    def check_config(cls, config: Config, world_size: int) -> None:
+        """Raise ConfigError for settings this engine cannot run (before anything is built)."""
+
+    @classmethod
+    def replicate_degree(cls, config: Config, dp: int) -> int:
+        """How many of the `dp` data-parallel ranks hold full replicas (the rest shard): all of them."""
+        return dp
 
     # -- topology
     @property
     def dp_rank(self) -> int:
-        return 0
+        return self.mesh.dp_rank
 
     @property
     def dp_world_size(self) -> int:
-        return 1
+        return self.mesh.dims.dp
 
     @property
     def is_main_process(self) -> bool:
         """True on the one rank that writes logs, metrics files and progress bars."""
-        return True
+        return self.mesh.rank == 0
 
     # -- setup
-    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
-        """Parallelise `model` and build the optimizer over the parallelised parameters."""
+    def wrap(self, model: nn.Module, build_optimizer: OptimizerFactory) -> None:
+        """Apply data parallelism to `model` (the last step of `parallelize`) and build the optimizer over
+        the wrapped parameters; sets `module`, `model` and `optimizer`."""
         raise NotImplementedError
 
     def unwrapped_model(self) -> nn.Module:
         """The plain model (for reading coefficients, metrics, MoE statistics)."""
-        return self.model
+        assert self.module is not None, "wrap() has not been called"
+        return self.module
 
     # -- one step
     def micro_batch_context(self, is_last_micro_batch: bool) -> ContextManager:
@@ -74,7 +105,10 @@ class Engine:
         loss.backward()
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        raise NotImplementedError
+        parameters = list(self.unwrapped_model().parameters())
+        total_norm = global_gradient_norm(parameters, self.device)
+        clip_gradients_(parameters, max_norm, total_norm)
+        return total_norm
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -84,20 +118,24 @@ class Engine:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor over data-parallel ranks (for metrics and token counts)."""
-        return tensor
+        if not self.mesh.distributed or self.dp_world_size == 1:
+            return tensor
+        reduced = tensor.detach().clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.mesh.dp_group)
+        return reduced
 
     # -- checkpoints
     def save_checkpoint(self, directory: Path) -> None:
-        raise NotImplementedError
+        state = canonical_state(self.unwrapped_model(), self.optimizer)
+        save_dcp(directory, state, distributed=self.mesh.distributed)
 
     def load_checkpoint(self, directory: Path, trust_checkpoint: bool = False) -> None:
         """Restore model and optimizer state. Nothing but tensors and known checkpoint classes is unpickled;
         `trust_checkpoint` (the user's `--trust-checkpoint`) lifts that for formats that need it (DeepSpeed)."""
-        raise NotImplementedError
+        state = canonical_state(self.unwrapped_model(), self.optimizer)
+        load_dcp(directory, state, distributed=self.mesh.distributed)
+        load_canonical_state(self.unwrapped_model(), self.optimizer, state)
 
     def close(self) -> None:
         """Release process groups and other resources."""
-
-
-def build_engine(config: Config, device: torch.device) -> Engine:
-    return ENGINES.get(config.distributed.backend)(config, device)
+        self.mesh.close()

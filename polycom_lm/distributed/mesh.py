@@ -1,11 +1,29 @@
-"""Device meshes for data × tensor parallelism, and the engine checks that run before any work starts.
+"""Process groups and device meshes: the one place that knows how ranks are laid out.
 
-The world is laid out as `("replicate", "shard", "tp")`: ranks `[d * tp, (d + 1) * tp)` form one
-tensor-parallel group (neighbouring ranks, i.e. one node's fast links) and share data-parallel rank `d`;
-the data-parallel ranks are `replicate × shard` (HSDP; plain FSDP has replicate 1, DDP × TP has shard 1).
+- World size 1 (no `torchrun`): no process group and no mesh, unless an engine needs a group anyway
+  (DeepSpeed), which then gets a private one on a free local port.
+- Under `torchrun` (`WORLD_SIZE` > 1): one default group (gloo on CPU, nccl on CUDA).
+
+Layout of W ranks with tensor-parallel degree tp and expert-parallel degree ep:
+- `("replicate", "shard", "tp")`: ranks `[d·tp, (d+1)·tp)` form one tensor-parallel group (neighbouring
+  ranks, i.e. one node's fast links) and share data-parallel rank d. The W / tp data-parallel ranks are
+  `replicate × shard` (HSDP; plain FSDP has replicate 1, DDP has shard 1), flattened as `"dp"`.
+- `("expert_data", "expert")` (ep > 1): row i is the expert-parallel group of ranks `[i·ep, (i+1)·ep)`;
+  column j (ranks j, j + ep, ...) holds the same experts and is data parallel for them.
+
+`check_parallel_dims` rejects degrees that cannot work, before any group exists; each engine adds its own
+limits (`Engine.check_config`).
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import cached_property
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -14,7 +32,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from polycom_lm.config import Config
 from polycom_lm.errors import ConfigError
 
-SUPPORTED_ZERO_STAGES = (1, 2, 3)
+logger = logging.getLogger(__name__)
+
+
+def launched_world_size() -> int:
+    """World size of this launch: the default group's, else torchrun's `WORLD_SIZE`, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def current_world() -> tuple[int, int]:
@@ -24,25 +49,76 @@ def current_world() -> tuple[int, int]:
     return 1, 0
 
 
-def validate_parallel_config(config: Config, world_size: int) -> None:
-    """Reject engine settings that cannot work, naming the key and what would be valid.
+def init_process_group(device: torch.device, timeout_minutes: int, always: bool = False) -> bool:
+    """Create the default process group: from torchrun's environment when WORLD_SIZE > 1, or (with
+    `always`) a private one-process group. Returns True when this call created it (and so destroys it)."""
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+        logger.info("initialised %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+        return True
+    if not always:
+        return False
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
+    # Libraries that read their coordinates from the environment (DeepSpeed) see what a launcher would set.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    return True
 
-    Runs before the model is built. Width checks that depend on the built FFN happen in
-    `tensor_parallel.parallelize_tensor_parallel`, still before the first step.
-    """
-    from polycom_lm.distributed.expert_parallel import validate_expert_parallel_config
 
-    validate_expert_parallel_config(config, world_size)  # ep: divides experts and world, backend ddp
-    distributed = config.distributed
-    model = config.model
-    tp = distributed.tp
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of parallelism of one run; data-parallel ranks = world / tp = replicate × shard."""
+
+    world_size: int
+    tp: int = 1
+    ep: int = 1
+    replicate: int = 1  # data-parallel replicas (HSDP); the rest of the dp ranks shard
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def shard(self) -> int:
+        return self.dp // self.replicate
+
+
+def check_parallel_dims(config: Config, world_size: int) -> None:
+    """Reject tensor / expert / sequence parallel degrees that cannot work for this model, naming the key
+    and what would be valid. Engine-specific limits are each engine's `check_config`."""
+    distributed, model = config.distributed, config.model
+    tp, ep = distributed.tp, distributed.ep
     if tp < 1:
         raise ConfigError(f"distributed.tp must be a positive integer, got {tp}")
+    if ep < 1:
+        raise ConfigError(f"distributed.ep must be a positive integer, got {ep}")
     if world_size % tp:
         raise ConfigError(
             f"world size {world_size} is not divisible by distributed.tp={tp}; "
             f"use a tp that divides {world_size} (e.g. {_divisors(world_size)})"
         )
+    if ep > 1:
+        if model.family != "moe":
+            raise ConfigError(f"distributed.ep={ep} needs model.family 'moe', got {model.family!r}; set ep to 1")
+        experts = model.moe.num_experts
+        valid = ", ".join(str(d) for d in range(1, experts + 1) if experts % d == 0 and world_size % d == 0)
+        if experts % ep:
+            raise ConfigError(
+                f"distributed.ep={ep} does not divide model.moe.num_experts={experts}; valid ep degrees for "
+                f"{experts} experts on {world_size} ranks: {valid}"
+            )
+        if world_size % ep:
+            raise ConfigError(f"distributed.ep={ep} does not divide the world size {world_size}; valid: {valid}")
+        if tp > 1:
+            raise ConfigError("distributed.ep > 1 with distributed.tp > 1 is not supported; use one of them")
     if tp > 1:
         kv_heads = model.n_kv_heads or model.n_heads
         if model.n_heads % tp or kv_heads % tp:
@@ -60,38 +136,74 @@ def validate_parallel_config(config: Config, world_size: int) -> None:
                 f"distributed.tp > 1 is implemented for model.family='dense', got {model.family!r}; "
                 "use distributed.ep for mixture-of-experts models"
             )
-        if distributed.backend == "deepspeed":
-            raise ConfigError(
-                "distributed.backend='deepspeed' does not compose with distributed.tp > 1 here; "
-                "use backend 'fsdp' or 'ddp' for tensor parallelism"
-            )
         if distributed.sequence_parallel and config.training.seq_len % tp:
             raise ConfigError(
                 f"distributed.sequence_parallel splits each sequence over tp={tp} ranks, but training.seq_len="
                 f"{config.training.seq_len} is not divisible by {tp}"
             )
-    if distributed.backend == "deepspeed" and distributed.zero_stage not in SUPPORTED_ZERO_STAGES:
-        raise ConfigError(
-            f"distributed.zero_stage={distributed.zero_stage} is not a ZeRO stage; valid: "
-            f"{', '.join(map(str, SUPPORTED_ZERO_STAGES))}"
+
+
+class ParallelMesh:
+    """The device meshes of one run over the default process group. On one process there is none: every
+    group property is None and collectives are skipped by their callers."""
+
+    def __init__(self, dims: ParallelDims, device: torch.device, owns_process_group: bool = False):
+        self.dims = dims
+        self.device = device
+        self.owns_process_group = owns_process_group
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.dims.world_size > 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.dims.tp
+
+    @cached_property
+    def world(self) -> Optional[DeviceMesh]:
+        """`("replicate", "shard", "tp")` with `"dp"` = replicate × shard flattened; None on one process."""
+        if not self.distributed:
+            return None
+        dims = self.dims
+        mesh = init_device_mesh(
+            self.device.type, (dims.replicate, dims.shard, dims.tp), mesh_dim_names=("replicate", "shard", "tp")
         )
-    if distributed.backend == "fsdp":
-        dp = world_size // tp
-        replicate = distributed.fsdp_replicate
-        if replicate < 1 or dp % replicate:
-            raise ConfigError(
-                f"distributed.fsdp_replicate={replicate} must divide the data-parallel size {dp} "
-                f"(world size {world_size} / tp {tp}); valid: {_divisors(dp)}"
-            )
+        mesh["replicate", "shard"]._flatten("dp")
+        return mesh
 
+    @property
+    def tp_mesh(self) -> Optional[DeviceMesh]:
+        return self.world["tp"] if self.world is not None and self.dims.tp > 1 else None
 
-def build_data_tensor_mesh(device: torch.device, world_size: int, replicate: int, tp: int) -> DeviceMesh:
-    """The `("replicate", "shard", "tp")` mesh of `world_size` ranks, with the flattened `"dp"` dimension
-    (`replicate × shard`) registered for data-parallel collectives. Neighbouring ranks form a TP group."""
-    shard = world_size // tp // replicate
-    mesh = init_device_mesh(device.type, (replicate, shard, tp), mesh_dim_names=("replicate", "shard", "tp"))
-    mesh["replicate", "shard"]._flatten("dp")
-    return mesh
+    @property
+    def data_mesh(self) -> Optional[DeviceMesh]:
+        """The mesh FSDP shards and replicates over: 2-D `(replicate, shard)` for HSDP, else 1-D."""
+        if self.world is None:
+            return None
+        return self.world["replicate", "shard"] if self.dims.replicate > 1 else self.world["shard"]
+
+    @property
+    def dp_group(self) -> Optional[dist.ProcessGroup]:
+        """Group of the data-parallel ranks (the default group when there is no tensor parallelism)."""
+        if not self.distributed:
+            return None
+        return self.world["dp"].get_group() if self.dims.tp > 1 else dist.group.WORLD
+
+    @cached_property
+    def expert(self) -> Optional[DeviceMesh]:
+        """`("expert_data", "expert")` of shape (W / ep, ep); None without expert parallelism."""
+        if self.dims.ep == 1 or not dist.is_initialized():
+            return None
+        dims = self.dims
+        return init_device_mesh(
+            self.device.type, (dims.world_size // dims.ep, dims.ep), mesh_dim_names=("expert_data", "expert")
+        )
+
+    def close(self) -> None:
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _divisors(number: int) -> str:

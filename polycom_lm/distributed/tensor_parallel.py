@@ -14,7 +14,7 @@ Three things plain column/row sharding gets wrong, handled here:
    would give rank 0 all gates and rank 1 all ups. The in-proj weight is therefore stored sharded in the
    *interleaved* order `[gate_0 | up_0 | gate_1 | up_1 | ...]` (chunk r on TP rank r), so every rank
    holds matching `[gate_r | up_r]` columns; checkpoints convert to and from the canonical `[gate | up]`
-   layout (`distributed/checkpointing.py`), so a run resumes on any TP degree.
+   layout (`state_dict.py`), so a run resumes on any TP degree.
 2. Activations that normalise over the FFN width (PolyNorm: `normalizes_over_width = True`) see only
    their shard; their `row_sum_reducer` is set to an all-reduce over the TP group and `full_width` to
    the whole width, so the row norms span all of it (the math lives in the activation's autograd
@@ -38,7 +38,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -49,7 +48,7 @@ from polycom_lm.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # Attribute set on a gated in-proj Linear whose weight is stored in the interleaved TP layout; its value is
-# the TP degree. `checkpointing.py` reads it to convert to and from the canonical `[gate | up]` layout.
+# the TP degree. `state_dict.py` reads it to convert to and from the canonical `[gate | up]` layout.
 INTERLEAVED_TP_ATTRIBUTE = "polycom_interleaved_tp_degree"
 
 
@@ -105,7 +104,6 @@ def _replicate_parameters_with_local_forward(
     mesh: DeviceMesh,
     sum_gradients: bool,
     converted: Optional[dict[int, nn.Parameter]] = None,
-    recompute: bool = False,
 ) -> None:
     """Make `module`'s own parameters Replicate DTensors on `mesh` and run its forward on local tensors.
 
@@ -113,9 +111,9 @@ def _replicate_parameters_with_local_forward(
     row-parallel layer) and is summed over the TP group in backward. `converted` maps already replicated
     parameters (by id of the original) to their DTensor, so tied weights stay tied.
 
-    `recompute`: the module's forward is recomputed in backward (activation checkpointing). The swap to
-    local tensors must then happen inside the checkpointed function, or the recomputation would meet the
-    DTensor parameters; the class's own forward is wrapped (replacing an instance-level checkpoint wrapper).
+    The swap to local tensors happens inside the module's (instance) `forward`, so activation
+    checkpointing applied afterwards (`parallelize` orders it after tensor parallelism) recomputes through
+    it and the recomputation sees local tensors too.
     """
     converted = {} if converted is None else converted
     names = [name for name, parameter in module.named_parameters(recurse=False) if not isinstance(parameter, DTensor)]
@@ -128,7 +126,7 @@ def _replicate_parameters_with_local_forward(
     if not names and not sum_gradients:
         return
     group = mesh.get_group()
-    original_forward = type(module).forward.__get__(module) if recompute else module.forward
+    original_forward = module.forward
 
     def forward_on_local_parameters(*args, **kwargs):
         saved = {}
@@ -145,14 +143,7 @@ def _replicate_parameters_with_local_forward(
         finally:
             module._parameters.update(saved)
 
-    if recompute:
-
-        def recomputed_forward_on_local_parameters(*args, **kwargs):
-            return torch.utils.checkpoint.checkpoint(forward_on_local_parameters, *args, use_reentrant=False, **kwargs)
-
-        module.forward = recomputed_forward_on_local_parameters
-    else:
-        module.forward = forward_on_local_parameters
+    module.forward = forward_on_local_parameters
 
 
 def _make_row_sum_reducer(group: dist.ProcessGroup) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -192,13 +183,10 @@ def _keep_local_sequence_chunk(tp: int, tp_rank: int):
     return hook
 
 
-def parallelize_tensor_parallel(
-    model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False, recompute_activations: bool = False
-) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
     """Apply the Megatron-style plan to a built dense model in place (parameters become DTensors on
     `tp_mesh`). The model must be materialised (not on the meta device); rank 0 of the TP group is the
-    source of the parameter values. `recompute_activations`: the FFN activations are checkpointed
-    (`training.activation_checkpointing: activation`)."""
+    source of the parameter values."""
     tp = tp_mesh.size()
     check_tensor_parallel_widths(model, tp)
     tied = model.output.weight is model.tok_embeddings.weight
@@ -244,9 +232,7 @@ def parallelize_tensor_parallel(
                 )
             activation.row_sum_reducer = _make_row_sum_reducer(tp_mesh.get_group())
             activation.full_width = ffn.out_proj.in_features
-        _replicate_parameters_with_local_forward(
-            activation, tp_mesh, sum_gradients=True, recompute=recompute_activations
-        )
+        _replicate_parameters_with_local_forward(activation, tp_mesh, sum_gradients=True)
         for submodule in activation.modules():
             if submodule is not activation and any(True for _ in submodule.parameters(recurse=False)):
                 raise ConfigError(

@@ -10,6 +10,7 @@ from torch import nn
 
 from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
+from polycom_lm.models.init import normal_init_
 from polycom_lm.models.kv_cache import LayerKVCache
 from polycom_lm.models.linear import Linear
 from polycom_lm.models.norm import RMSNorm
@@ -55,12 +56,17 @@ class Attention(nn.Module):
     QK-norm (`qk_norm`): scope "head" normalises each head over head_dim (one gain of size head_dim shared
     by the heads); scope "full" normalises the whole q (k) projection output, as OLMoE does. Note that with
     scope "full" a head-sharded tensor-parallel plan must compute the norm over all heads.
+
+    Dropout (training only, as Megatron-LM applies it): `attention_dropout` on the attention weights
+    (inside `scaled_dot_product_attention`). The residual-branch dropout (`hidden_dropout`) is the block's.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         n_heads, n_kv_heads, head_dim = attention_shape(config)
         self.head_dim = head_dim
+        self.dropout = config.attention_dropout
+        self.init_truncation = config.init_truncation
         self.q_proj = Linear(config.d_model, n_heads * head_dim, bias=False, impl=config.linear_impl)
         self.k_proj = Linear(config.d_model, n_kv_heads * head_dim, bias=False, impl=config.linear_impl)
         self.v_proj = Linear(config.d_model, n_kv_heads * head_dim, bias=False, impl=config.linear_impl)
@@ -103,23 +109,26 @@ class Attention(nn.Module):
                 raise ValueError("attention with a KV cache needs an explicit attention mask")
             k, v = cache.append(k, v)
         repeats = q.shape[1] // k.shape[1]
+        dropout = self.dropout if self.training else 0.0
         if attention_mask is None:
             # Flash attention handles grouped heads natively: no copy of k and v.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=repeats > 1)
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=repeats > 1, dropout_p=dropout
+            )
         else:
             # Masked kernels (memory-efficient, math) do not all take grouped heads: expand k, v. Query
             # head h reads kv head h // repeats, the grouping of transformers' `repeat_kv`.
             if repeats > 1:
                 k = k.repeat_interleave(repeats, dim=1)
                 v = v.repeat_interleave(repeats, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(batch, seq_len, -1)
         return self.o_proj(out)
 
     def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
         for projection in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.normal_(projection.weight, mean=0.0, std=init_std, generator=generator)
-        nn.init.normal_(self.o_proj.weight, mean=0.0, std=output_std, generator=generator)
+            normal_init_(projection.weight, init_std, self.init_truncation, generator)
+        normal_init_(self.o_proj.weight, output_std, self.init_truncation, generator)
         if self.qk_norm_scope is not None:
             self.q_norm.reset_parameters()
             self.k_norm.reset_parameters()

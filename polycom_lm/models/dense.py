@@ -10,11 +10,13 @@ import math
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polycom_lm.config import ModelConfig
 from polycom_lm.models.attention import Attention, attention_shape, document_causal_mask
 from polycom_lm.models.feedforward import FeedForward
+from polycom_lm.models.init import normal_init_
 from polycom_lm.models.kv_cache import KVCache, LayerKVCache
 from polycom_lm.models.linear import Linear
 from polycom_lm.models.norm import RMSNorm
@@ -26,7 +28,10 @@ FFNFactory = Callable[[ModelConfig, int], nn.Module]
 
 
 class TransformerBlock(nn.Module):
-    """h = x + attention(attention_norm(x)); out = h + ffn(ffn_norm(h)). Shapes [batch, seq, d_model]."""
+    """h = x + attention(attention_norm(x)); out = h + ffn(ffn_norm(h)). Shapes [batch, seq, d_model].
+
+    With `model.hidden_dropout` > 0, each branch's output is dropped out before its residual add while
+    training (Megatron-LM's bias-dropout-add)."""
 
     def __init__(self, config: ModelConfig, layer_index: int, ffn_factory: Optional[FFNFactory] = None):
         super().__init__()
@@ -35,6 +40,7 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn = ffn_factory(config, layer_index) if ffn_factory is not None else FeedForward(config)
+        self.hidden_dropout = config.hidden_dropout
 
     def forward(
         self,
@@ -46,10 +52,16 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         if cache is None:
             # Exactly four positional inputs: the sequence-parallel plan prepares these (tensor_parallel.py).
-            h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask)
+            attended = self.attention(self.attention_norm(x), cos, sin, attention_mask)
         else:
-            h = x + self.attention(self.attention_norm(x), cos, sin, attention_mask, cache=cache)
-        return h + self.ffn(self.ffn_norm(h))
+            attended = self.attention(self.attention_norm(x), cos, sin, attention_mask, cache=cache)
+        h = x + self._dropout(attended)
+        return h + self._dropout(self.ffn(self.ffn_norm(h)))
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hidden_dropout > 0 and self.training:
+            return F.dropout(x, self.hidden_dropout, training=True)
+        return x
 
     def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
         self.attention_norm.reset_parameters()
@@ -128,6 +140,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope(seq_len)
         attention_mask = document_causal_mask(document_ids) if document_ids is not None else None
         h = self.tok_embeddings(input_ids)
+        if self.config.hidden_dropout > 0 and self.training:  # Megatron-LM's embedding dropout
+            h = F.dropout(h, self.config.hidden_dropout, training=True)
         for layer in self.layers:
             h = layer(h, cos, sin, attention_mask)
         return self.norm(h)
@@ -158,13 +172,15 @@ class Transformer(nn.Module):
     def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
         """(Re)initialise every parameter and buffer: normal(0, init_std) for embeddings, projections and
         the LM head; std init_std / sqrt(2·n_layers) for o_proj and out_proj when `init_depth_scaled`; norm
-        gains to one; activation coefficients to their own init; RoPE tables recomputed. Draws come from
+        gains to one; activation coefficients to their own init; RoPE tables recomputed. Every normal draw
+        is truncated at ± `init_truncation` standard deviations when that is set. Draws come from
         `generator` (on the parameters' device) or the default generator, in module order."""
         std = self.config.init_std
-        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std, generator=generator)
+        truncation = self.config.init_truncation
+        normal_init_(self.tok_embeddings.weight, std, truncation, generator)
         self.rope.reset_parameters()
         for layer in self.layers:
             layer.init_weights(std, self.output_std, generator)
         self.norm.reset_parameters()
         if not self.config.tie_embeddings:
-            nn.init.normal_(self.output.weight, mean=0.0, std=std, generator=generator)
+            normal_init_(self.output.weight, std, truncation, generator)

@@ -10,6 +10,7 @@ from torch import nn
 from polycom_lm.activations import ACTIVATIONS, build_activation_from_config
 from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
+from polycom_lm.models.init import normal_init_
 from polycom_lm.models.linear import Linear
 
 
@@ -23,14 +24,13 @@ def ffn_width(model_config: ModelConfig) -> int:
         if model_config.ffn_width < 1:
             raise ConfigError(f"model.ffn_width must be positive, got {model_config.ffn_width}")
         return model_config.ffn_width
-    if ACTIVATIONS.get(model_config.activation).gated:
-        return model_config.ffn_hidden_size
-    if (3 * model_config.ffn_hidden_size) % 2:
+    try:
+        return ACTIVATIONS.get(model_config.activation).parameter_matched_width(model_config.ffn_hidden_size)
+    except ValueError:
         raise ConfigError(
             f"model.ffn_hidden_size {model_config.ffn_hidden_size}: 3/2 of it (the width of non-gated "
             f"activation {model_config.activation!r}) is not an integer; use an even size or set model.ffn_width"
-        )
-    return 3 * model_config.ffn_hidden_size // 2
+        ) from None
 
 
 class FeedForward(nn.Module):
@@ -44,16 +44,17 @@ class FeedForward(nn.Module):
         super().__init__()
         self.activation = build_activation_from_config(config)
         self.width = ffn_width(config)
-        in_features = 2 * self.width if self.activation.gated else self.width
+        in_features = self.activation.in_width(self.width)
         self.in_proj = Linear(config.d_model, in_features, bias=False, impl=config.linear_impl)
         self.out_proj = Linear(self.width, config.d_model, bias=False, impl=config.linear_impl)
+        self.init_truncation = config.init_truncation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.activation(self.in_proj(x)))
 
     def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
-        nn.init.normal_(self.in_proj.weight, mean=0.0, std=init_std, generator=generator)
-        nn.init.normal_(self.out_proj.weight, mean=0.0, std=output_std, generator=generator)
+        normal_init_(self.in_proj.weight, init_std, self.init_truncation, generator)
+        normal_init_(self.out_proj.weight, output_std, self.init_truncation, generator)
         reset_activation(self.activation)
 
 

@@ -16,14 +16,26 @@ from typing import Optional
 import torch
 from torch import nn
 
-from polycom_lm.activations.kernels.reference import polynomial_reference, polynorm_reference, polyrelu_reference
+from polycom_lm.activations.kernels.reference import (
+    polynomial_reference,
+    polynorm_reference,
+    polyrelu_reference,
+    polyrelunorm_reference,
+)
 from polycom_lm.errors import ConfigError
+from polycom_lm.models.init import normal_init_
 
 # Activations whose coefficients can be held per expert: name → formula taking (x, weight, bias) where
 # weight broadcasts as [r, rows, 1] and bias as [rows, 1]. These are the plain-autograd formulas, which keep
 # the powers of x for backward: per-expert coefficients trade the shared path's fused kernel (and its
 # memory saving) for one coefficient set per expert.
-PER_EXPERT_FORMULAS = {"polynorm": polynorm_reference, "polyrelu": polyrelu_reference, "poly": polynomial_reference}
+# PolyPReLU is not among them: its slope would need a per-expert copy too.
+PER_EXPERT_FORMULAS = {
+    "polynorm": polynorm_reference,
+    "polyrelu": polyrelu_reference,
+    "poly": polynomial_reference,
+    "polyrelunorm": polyrelunorm_reference,
+}
 
 EXPERT_MATMULS = ("auto", "grouped_mm", "padded_bmm")
 
@@ -193,13 +205,16 @@ class GroupedExperts(nn.Module):
             self.activation: nn.Module = PerExpertCoefficients(activation_name, activation, num_experts)
         else:
             self.activation = activation
-        in_width = 2 * width if self.gated else width
+        in_width = activation.in_width(width)
         self.in_proj = nn.Parameter(torch.empty(num_experts, in_width, d_model))
         self.out_proj = nn.Parameter(torch.empty(num_experts, d_model, width))
 
-    def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
-        nn.init.normal_(self.in_proj, mean=0.0, std=init_std, generator=generator)
-        nn.init.normal_(self.out_proj, mean=0.0, std=output_std, generator=generator)
+    def init_weights(
+        self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None,
+        truncation: Optional[float] = None,
+    ) -> None:
+        normal_init_(self.in_proj, init_std, truncation, generator)
+        normal_init_(self.out_proj, output_std, truncation, generator)
         reset = getattr(self.activation, "reset_parameters", None)
         if callable(reset):
             reset()

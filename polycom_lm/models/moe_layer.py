@@ -29,6 +29,7 @@ from torch import nn
 from polycom_lm.activations import ACTIVATIONS, build_activation_from_config
 from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
+from polycom_lm.models.init import normal_init_
 from polycom_lm.models.moe_experts import GroupedExperts
 
 
@@ -38,15 +39,14 @@ def expert_width(model_config: ModelConfig) -> int:
     moe = model_config.moe
     if moe.expert_width is not None:
         return moe.expert_width
-    if ACTIVATIONS.get(model_config.activation).gated:
-        return moe.expert_hidden_size
-    if (3 * moe.expert_hidden_size) % 2:
+    try:
+        return ACTIVATIONS.get(model_config.activation).parameter_matched_width(moe.expert_hidden_size)
+    except ValueError:
         raise ConfigError(
             f"model.moe.expert_hidden_size {moe.expert_hidden_size}: 3/2 of it (the expert width of non-gated "
             f"activation {model_config.activation!r}) is not an integer; use an even size or set "
             f"model.moe.expert_width"
-        )
-    return 3 * moe.expert_hidden_size // 2
+        ) from None
 
 
 def sort_by_expert(top_experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +118,11 @@ class MoEFeedForward(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.routing_statistics: dict[str, torch.Tensor] = {}
+        self.init_truncation = config.init_truncation
 
     def init_weights(self, init_std: float, output_std: float, generator: Optional[torch.Generator] = None) -> None:
-        nn.init.normal_(self.router.weight, mean=0.0, std=init_std, generator=generator)
-        self.experts.init_weights(init_std, output_std, generator)
+        normal_init_(self.router.weight, init_std, self.init_truncation, generator)
+        self.experts.init_weights(init_std, output_std, generator, truncation=self.init_truncation)
 
     def active_parameter_count(self) -> int:
         """Parameters one token uses: the router, k experts' projections and their coefficients."""

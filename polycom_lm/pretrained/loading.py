@@ -21,10 +21,15 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from polycom_lm.config import ModelConfig
+from polycom_lm.checkpoint.consolidate import consolidated_model_state
+from polycom_lm.checkpoint.folders import latest_checkpoint, list_checkpoints, step_directory
+from polycom_lm.config import ModelConfig, config_from_dict, load_config
+from polycom_lm.data.prepare import resolve_tokenizer
 from polycom_lm.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from polycom_lm.errors import CheckpointError, ConfigError, DataError, PolycomError
+from polycom_lm.models import build_model
 from polycom_lm.pretrained.architectures import architecture_named
+from polycom_lm.train.trainer_state import read_trainer_state
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +69,6 @@ def model_kind(path: Path) -> str:
 
 
 def _checkpoint_folder(run_dir: Path, step: Optional[int]) -> Path:
-    from polycom_lm.train.checkpoint import latest_checkpoint, list_checkpoints, step_directory
-
     checkpoints = run_dir / "checkpoints"
     if step is None:
         latest = latest_checkpoint(checkpoints)
@@ -98,8 +101,6 @@ def check_state_matches(state: dict[str, torch.Tensor], model: nn.Module, what: 
 def build_loaded_model(model_config: ModelConfig, state: dict[str, torch.Tensor], what: str,
                        device: Union[str, torch.device], dtype: torch.dtype) -> nn.Module:
     """Our model for `model_config` with exactly the weights `state`, on `device` in `dtype`, eval mode."""
-    from polycom_lm.models import build_model
-
     model = build_model(model_config, device="meta")
     check_state_matches(state, model, what, tied=model_config.tie_embeddings)
     model.to_empty(device="cpu")  # no throw-away init: every weight is overwritten below
@@ -111,8 +112,6 @@ def build_loaded_model(model_config: ModelConfig, state: dict[str, torch.Tensor]
 
 
 def _run_tokenizer(config, run_dir: Path) -> Path:
-    from polycom_lm.data.prepare import resolve_tokenizer
-
     if (run_dir / "tokenizer").is_dir():
         return run_dir / "tokenizer"
     try:
@@ -125,10 +124,6 @@ def _run_tokenizer(config, run_dir: Path) -> Path:
 
 
 def _load_checkpoint(directory: Path, run_dir: Path, trust_checkpoint: bool):
-    from polycom_lm.checkpoint.consolidate import consolidated_model_state
-    from polycom_lm.config import load_config
-    from polycom_lm.train.checkpoint import read_trainer_state
-
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.yaml in the run folder {run_dir} (two levels up)")
@@ -182,8 +177,6 @@ def _load_export(path: Path):
     architecture = architecture_named(architectures[0], path / "config.json")
     metadata = read_export_metadata(path)
     if "model" in metadata:
-        from polycom_lm.config import config_from_dict
-
         model_config = config_from_dict({"model": metadata["model"]}).model
     else:
         model_config = architecture.model_config(config_json)

@@ -1,5 +1,5 @@
 """Training: the loop (`loop.py`) with callbacks (`callbacks/`), optimizer and schedules (`optim.py`),
-checkpoints and exact resume (`checkpoint.py`), MFU (`flops.py`), config checks (`validation.py`), the run's
+the trainer's own resume state and RNG (`trainer_state.py`), MFU (`flops.py`), config checks (`validation.py`), the run's
 output folder (`output.py`) and the entry point `run_training` (`run.py`)."""
 
 from polycom_lm.train.loop import Callback, StepResult, Trainer, TrainingStopped

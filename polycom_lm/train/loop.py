@@ -8,7 +8,8 @@ single-process update on the whole batch, and the logged loss is the exact globa
 losses (`model.last_aux_losses`, already weighted per micro-batch) are averaged over micro-batches.
 
 Non-finite loss or gradient norm: `skip` drops the update (the batch still counts as consumed) and counts
-it; `stop` saves a checkpoint of the last good state and raises `TrainingStopped`.
+it, and escalates to a stop after `training.max_consecutive_skips` in a row; `stop` saves a checkpoint of
+the last good state and raises `TrainingStopped`. Either way the non-finite step's row is logged first.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from polycom_lm.config import Config
 from polycom_lm.distributed.engine import Engine
 from polycom_lm.errors import PolycomError
-from polycom_lm.train.checkpoint import TrainerState
+from polycom_lm.train.metrics import model_metrics
+from polycom_lm.train.trainer_state import TrainerState
 from polycom_lm.train.optim import Schedule, schedule_progress, set_learning_rate
 from polycom_lm.train.validation import BatchLayout
 
@@ -133,21 +135,27 @@ class Trainer:
             callback.on_train_start(self)
         window: list[StepResult] = []
         window_start = time.perf_counter()
+        consecutive_skips = 0
         while self.state.step < training.max_steps:
             for callback in self.callbacks:
                 callback.on_step_start(self)
             result = self.train_step()
             self.last_result = result
             window.append(result)
-            if not result.finite:
-                self._handle_nonfinite(result)
-            if self.state.step % training.log_every_steps == 0 or self.state.step == training.max_steps:
+            consecutive_skips = 0 if result.finite else consecutive_skips + 1
+            stopping = not result.finite and (
+                training.on_nonfinite == "stop" or consecutive_skips >= training.max_consecutive_skips
+            )
+            due = self.state.step % training.log_every_steps == 0 or self.state.step == training.max_steps
+            if due or stopping:
                 elapsed = time.perf_counter() - window_start
                 row = self.training_row(window, elapsed)
                 for callback in self.callbacks:
                     callback.on_log(self, row)
                 window = []
                 window_start = time.perf_counter()
+            if not result.finite:
+                self._handle_nonfinite(result, consecutive_skips, stopping)
             for callback in self.callbacks:
                 callback.on_step_end(self)
         for callback in self.callbacks:
@@ -248,29 +256,35 @@ class Trainer:
             aux_losses=dict(zip(aux_names, numbers[1:-1])),
         )
 
-    def _handle_nonfinite(self, result: StepResult) -> None:
+    def _handle_nonfinite(self, result: StepResult, consecutive: int, stopping: bool) -> None:
         message = (
             f"non-finite loss or gradient norm at step {self.state.step} "
             f"(loss={result.loss}, grad_norm={result.grad_norm})"
         )
-        if self.config.training.on_nonfinite == "skip":
+        if not stopping:
             logger.warning("%s: update skipped (%d skipped so far)", message, self.state.skipped_steps)
             return
         # The update was not applied, so the weights are the last good ones: save them, then stop.
         self.save_checkpoint()
+        where = f"saved the last good state at step {self.state.step} in {self.config.training.output_dir}/checkpoints"
+        if self.config.training.on_nonfinite == "stop":
+            raise TrainingStopped(f"{message}; {where}; lower optimizer.lr or set training.on_nonfinite=skip")
         raise TrainingStopped(
-            f"{message}; saved the last good state at step {self.state.step} in "
-            f"{self.config.training.output_dir}/checkpoints; lower optimizer.lr or set training.on_nonfinite=skip"
+            f"{message}, the {consecutive}th in a row (training.max_consecutive_skips="
+            f"{self.config.training.max_consecutive_skips}); {where}; lower optimizer.lr"
         )
 
     # ------------------------------------------------------------------------------------------ metrics
     def training_row(self, window: list[StepResult], elapsed_s: float) -> dict[str, Any]:
-        from polycom_lm.train.metrics import model_metrics
-
         last = window[-1]
         window_tokens = sum(result.tokens for result in window)
         tokens_per_s = window_tokens / max(elapsed_s, 1e-9)
         achieved = self.flops_per_token * tokens_per_s
+        if achieved > self.peak_flops_per_device * self.world_size:
+            # The run's own matmuls beat the start-up probe (it ran while other work did): the probe was low.
+            self.peak_flops_per_device = achieved / self.world_size
+            logger.info("MFU peak raised to the rate this run achieved, %.1f GFLOP/s per device",
+                        self.peak_flops_per_device / 1e9)
         row: dict[str, Any] = {
             "kind": "train",
             "step": self.state.step,
@@ -285,5 +299,7 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
         }
         row.update({f"aux/{name}": value for name, value in last.aux_losses.items()})
-        row.update(model_metrics(self))
+        row.update(model_metrics(
+            self.engine.unwrapped_model(), self.engine.device, self.config.logging.log_activation_coefficients
+        ))
         return row

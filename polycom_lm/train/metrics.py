@@ -2,7 +2,8 @@
 
 The coefficients are the scientifically interesting signal of the project: every module with
 `has_coefficients = True` contributes `coefficients/<module path>/w<k>` (k = 0 multiplies the highest
-power) and `coefficients/<module path>/bias`. Under FSDP / tensor parallelism a coefficient may be a
+power), `coefficients/<module path>/bias` and any other parameter of its own by name (PolyPReLU's
+`coefficients/<module path>/negative_slope`). Under FSDP / tensor parallelism a coefficient may be a
 DTensor; it is gathered (a collective, so every rank computes these metrics).
 """
 
@@ -10,12 +11,9 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from polycom_lm.train.loop import Trainer
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -37,13 +35,14 @@ def coefficient_metrics(model: torch.nn.Module) -> dict[str, float]:
         if isinstance(weight, torch.Tensor):
             for index, value in enumerate(_full(weight).tolist()):
                 metrics[f"coefficients/{name}/w{index}"] = value
-        if isinstance(bias, torch.Tensor):
-            values = _full(bias).tolist()
+        others = [(key, value) for key, value in module.named_parameters(recurse=False) if key not in ("weight", "bias")]
+        for key, tensor in ([("bias", bias)] if isinstance(bias, torch.Tensor) else []) + others:
+            values = _full(tensor).tolist()
             if len(values) == 1:
-                metrics[f"coefficients/{name}/bias"] = values[0]
+                metrics[f"coefficients/{name}/{key}"] = values[0]
             else:
                 for index, value in enumerate(values):
-                    metrics[f"coefficients/{name}/bias{index}"] = value
+                    metrics[f"coefficients/{name}/{key}{index}"] = value
     return metrics
 
 
@@ -64,12 +63,12 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     return {"memory/peak_rss_gib": peak_bytes / gib}
 
 
-def model_metrics(trainer: "Trainer") -> dict[str, Any]:
-    model = trainer.engine.unwrapped_model()
+def model_metrics(model: torch.nn.Module, device: torch.device, coefficients: bool = True) -> dict[str, Any]:
+    """Coefficients (when `coefficients`), memory and MoE routing metrics of the plain `model`."""
     metrics: dict[str, Any] = {}
-    if trainer.config.logging.log_activation_coefficients:
+    if coefficients:
         metrics.update(coefficient_metrics(model))
-    metrics.update(memory_metrics(trainer.engine.device))
+    metrics.update(memory_metrics(device))
     moe_metrics = getattr(model, "moe_metrics", None)
     if callable(moe_metrics):
         metrics.update(

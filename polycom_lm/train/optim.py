@@ -10,7 +10,8 @@ Parameter groups (each with its own weight decay from `OptimizerConfig`):
 
 Schedules map training progress to a multiplier of the peak `optimizer.lr`. Progress is measured in steps
 or in tokens (`schedule.units`); warmup rises linearly from lr/warmup to lr, so the first update already
-moves the weights.
+moves the weights (or from `warmup_start_ratio` · lr, OLMo's 0.1). Cosine and linear decay end at
+`decay_steps` / `decay_tokens` when set (possibly beyond the run, as in OLMoE), else at the run's end.
 """
 
 from __future__ import annotations
@@ -107,12 +108,15 @@ class Schedule:
 
     name: str
     warmup: int
-    decay: int
+    decay: int  # wsd: the final decay's length; cosine / linear: where the decay ends (0: at `total`)
     total: int
     min_ratio: float
+    warmup_start: float = 0.0  # the multiplier warmup rises from (progress 0)
 
     def multiplier(self, progress: int) -> float:
         if self.warmup > 0 and progress < self.warmup:
+            if self.warmup_start > 0:
+                return self.warmup_start + (1.0 - self.warmup_start) * progress / self.warmup
             return progress / self.warmup
         if self.name == "constant":
             return 1.0
@@ -122,7 +126,8 @@ class Schedule:
                 return 1.0
             fraction = min(1.0, (progress - decay_start) / max(1, self.decay))
             return 1.0 - (1.0 - self.min_ratio) * fraction
-        fraction = min(1.0, max(0.0, (progress - self.warmup) / max(1, self.total - self.warmup)))
+        end = self.decay if self.decay > 0 else self.total
+        fraction = min(1.0, max(0.0, (progress - self.warmup) / max(1, end - self.warmup)))
         if self.name == "linear":
             return 1.0 - (1.0 - self.min_ratio) * fraction
         if self.name == "cosine":
@@ -131,11 +136,13 @@ class Schedule:
 
 
 def build_schedule(config: ScheduleConfig, max_steps: int, tokens_per_step: int) -> Schedule:
+    start = config.warmup_start_ratio
     if config.units == "tokens":
         return Schedule(
-            config.name, config.warmup_tokens, config.decay_tokens, max_steps * tokens_per_step, config.lr_min_ratio
+            config.name, config.warmup_tokens, config.decay_tokens, max_steps * tokens_per_step, config.lr_min_ratio,
+            start,
         )
-    return Schedule(config.name, config.warmup_steps, config.decay_steps, max_steps, config.lr_min_ratio)
+    return Schedule(config.name, config.warmup_steps, config.decay_steps, max_steps, config.lr_min_ratio, start)
 
 
 def schedule_progress(config: ScheduleConfig, step: int, tokens_per_step: int) -> int:

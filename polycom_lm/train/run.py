@@ -16,9 +16,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from polycom_lm.checkpoint.folders import write_checkpoint
 from polycom_lm.config import Config
-from polycom_lm.distributed.engine import Engine, build_engine
-from polycom_lm.train import checkpoint as checkpoints
+from polycom_lm.distributed.engine import Engine
+from polycom_lm.distributed.parallelize import build_engine, parallelize
+from polycom_lm.errors import ConfigError
+from polycom_lm.train import trainer_state
 from polycom_lm.train.callbacks import (
     CheckpointCallback,
     DownstreamEvaluationCallback,
@@ -28,12 +31,13 @@ from polycom_lm.train.callbacks import (
     TensorBoardCallback,
     WandbCallback,
 )
+from polycom_lm.train.callbacks.wandb import wandb_mode
+from polycom_lm.train.data_position import load_data_position, save_data_position
 from polycom_lm.train.flops import peak_flops, training_flops_per_token
 from polycom_lm.train.loop import Callback, Trainer
 from polycom_lm.train.optim import build_optimizer, build_schedule
-from polycom_lm.train.output import CHECKPOINTS_DIR, METRICS_FILE, plan_output, prepare_output
-from polycom_lm.train.transforms import apply_training_transforms
-from polycom_lm.train.validation import import_engines, validate_config
+from polycom_lm.train.output import CHECKPOINTS_DIR, METRICS_FILE, RunLock, plan_output, prepare_output
+from polycom_lm.train.validation import validate_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +62,6 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            from polycom_lm.errors import ConfigError
-
             raise ConfigError(f"training.device={name} but CUDA is not available; use training.device=cpu")
         torch.cuda.set_device(device)
     return device
@@ -102,16 +104,15 @@ def _logged_evaluation(metrics_path: Path, step: int) -> Optional[tuple[int, lis
 
 
 def setup_model(config: Config, engine: Engine) -> None:
-    """Build the model as `polycom-lm train` does and hand it to `engine` with the optimizer: seeded init
-    (identical on every rank), bf16 parameters if asked, activation checkpointing, compiled blocks."""
+    """Build the model as `polycom-lm train` does and parallelise it onto `engine` with the optimizer:
+    seeded init (identical on every rank), bf16 parameters if asked, then `parallelize`."""
     from polycom_lm.models import build_model
 
-    checkpoints.seed_everything(config.training.seed)
+    trainer_state.seed_everything(config.training.seed)
     model = build_model(config.model, device=engine.device)
     if config.training.param_dtype == "bf16":
         model = model.to(torch.bfloat16)  # no fp32 master weights
-    apply_training_transforms(model, config.training)
-    engine.setup(model, lambda module: build_optimizer(module, config.optimizer))
+    parallelize(model, config, engine, lambda module: build_optimizer(module, config.optimizer))
 
 
 def build_trainer(config: Config, dataset: Any, device: Optional[torch.device] = None) -> Trainer:
@@ -120,11 +121,10 @@ def build_trainer(config: Config, dataset: Any, device: Optional[torch.device] =
     callbacks or checkpoints: for benchmarks (`trainer.train_step()`) and tests."""
     layout = validate_config(config, 1)
     device = device or resolve_device(config.training.device)
-    import_engines(config.distributed.backend)
     engine = build_engine(config, device)
     setup_model(config, engine)
     return Trainer(
-        config, engine, layout, dataset, checkpoints.TrainerState(),
+        config, engine, layout, dataset, trainer_state.TrainerState(),
         build_schedule(config.schedule, config.training.max_steps, layout.tokens_per_step), [],
         flops_per_token=training_flops_per_token(config.model, config.training.seq_len),
         peak_flops_per_device=float("nan"), world_size=1, barrier=_barrier, save_checkpoint=lambda trainer: None,
@@ -148,31 +148,43 @@ def run_training(
     layout = validate_config(config, world_size)
     plan = plan_output(config, resume, overwrite)
     downstream = DownstreamEvaluationCallback.build(config)  # task names and files fail here, before any write
-    resume_state = checkpoints.read_trainer_state(plan.resume_from) if plan.resume_from else None
+    resume_state = trainer_state.read_trainer_state(plan.resume_from) if plan.resume_from else None
     device = resolve_device(config.training.device)
 
-    import_engines(config.distributed.backend)
     engine = build_engine(config, device)
     callbacks: list[Callback] = []
+    dataset = None
+    lock = RunLock(plan.output_dir)
     try:
         rank = _global_rank()
         is_main = rank == 0
-        from polycom_lm.data import PackedDataset, check_vocab, prepare_run_data
+        from polycom_lm.data import build_train_dataset, check_vocab, prepare_run_data
 
         # A missing data folder or a vocabulary mismatch fails before the output folder is touched.
         data = prepare_run_data(config.data, is_main_process=is_main, barrier=_barrier)
         check_vocab(data.vocab_size, config.model.vocab_size, "model.vocab_size")
-        dataset = PackedDataset(
-            data.train, config.training.seq_len, config.training.seed, document_ids=config.data.document_masks
+        _verify_shards(data, config, is_main)
+        dataset = build_train_dataset(
+            data.train, data.tokenizer_dir, config.training.seq_len, config.training.seed,
+            document_ids=config.data.document_masks, shuffle=config.data.shuffle, workers=config.data.stream_workers,
         )
 
         setup_model(config, engine)
 
-        state = checkpoints.TrainerState(world_size=world_size)
+        state = trainer_state.TrainerState(world_size=world_size)
+        rng = None
         if plan.resume_from is not None:
-            state = _resume(engine, plan.resume_from, rank, world_size, config.training.seed, trust_checkpoint)
-        # Only now, with data, model and checkpoint known to be good, does the output folder change.
+            state, rng = _resume(engine, plan.resume_from, rank, world_size, trust_checkpoint)
+            load_data_position(plan.resume_from, dataset, rank)  # a stream's position (PackedDataset has none)
+        # Only now, with data, model and checkpoint known to be good, does the output folder change, under
+        # the run lock, after checking that nothing changed it since it was planned.
         if is_main:
+            lock.acquire()
+            if plan_output(config, resume, overwrite) != plan:
+                raise ConfigError(
+                    f"training.output_dir {plan.output_dir} changed while this run was starting (another run "
+                    f"used it); start again"
+                )
             prepare_output(plan, config, state.step)
         _barrier()
 
@@ -181,7 +193,7 @@ def run_training(
         recorder = _EvaluationRecorder()
         if is_main:
             callbacks.append(MetricsFileCallback(output_dir / METRICS_FILE))
-            if config.logging.wandb_mode != "disabled":
+            if wandb_mode(config.logging) != "disabled":  # the config's mode, else WANDB_MODE, else offline
                 callbacks.append(WandbCallback(config, output_dir))
             if config.logging.tensorboard:
                 callbacks.append(TensorBoardCallback(output_dir / "tensorboard"))
@@ -197,11 +209,21 @@ def run_training(
                 ProfilerCallback(output_dir / "profile", config.training.profile_start_step,
                                  config.training.profile_num_steps, rank)
             )
+        if plan.resume_from is not None:
+            # Last of all start hooks, so that nothing (wandb's start-up, the MFU probe) draws from the
+            # restored streams before the first step.
+            callbacks.append(_RestoreRNG(rng, state, rank, world_size, config.training.seed))
 
         def save(trainer: Trainer) -> None:
             trainer.state.world_size = world_size
-            checkpoints.save_checkpoint(
-                checkpoints_dir, trainer.state, engine.save_checkpoint, rank=rank, barrier=_barrier,
+
+            def write_contents(folder: Path) -> None:
+                engine.save_checkpoint(folder)
+                trainer_state.write_trainer_files(folder, trainer.state, rank)
+                save_data_position(folder, dataset, rank)  # a stream's position (PackedDataset has none)
+
+            write_checkpoint(
+                checkpoints_dir, trainer.state.step, write_contents, rank=rank, barrier=_barrier,
                 keep_last=config.training.keep_last_checkpoints,
             )
 
@@ -234,23 +256,44 @@ def run_training(
                 callback.close()
             except Exception:  # closing one sink must not hide the error that ended training
                 logger.exception("closing %s failed", type(callback).__name__)
+        if dataset is not None:
+            dataset.close()  # a streaming dataset's reader and tokeniser processes
+        lock.release()
         engine.close()
 
 
 def _resume(
-    engine, directory: Path, rank: int, world_size: int, seed: int, trust_checkpoint: bool
-) -> checkpoints.TrainerState:
-    state = checkpoints.read_trainer_state(directory)
+    engine, directory: Path, rank: int, world_size: int, trust_checkpoint: bool
+) -> tuple[trainer_state.TrainerState, Optional[dict]]:
+    """Load model, optimizer and trainer state, and read this rank's RNG states (restored later, by
+    `_RestoreRNG`, when nothing else will draw from them before the first step)."""
+    state = trainer_state.read_trainer_state(directory)
+    rng = trainer_state.load_resume_rng(directory, state, rank, world_size)
     engine.load_checkpoint(directory, trust_checkpoint=trust_checkpoint)
-    rng = checkpoints.load_rng_state(directory, rank)
-    if rng is not None and state.world_size == world_size:
-        checkpoints.restore_rng_state(rng)
-    else:
-        # Another world size: RNG streams cannot map one to one; reseed deterministically per rank and step.
-        checkpoints.seed_everything(seed + 1_000_003 * state.step + rank)
-        logger.warning("checkpoint written by %d rank(s), resuming on %d: RNG states reseeded",
-                       state.world_size, world_size)
     logger.info("resumed from %s at step %d (%d tokens, %d samples consumed)",
                 directory, state.step, state.tokens, state.consumed_samples)
-    state.world_size = world_size
-    return state
+    return state, rng
+
+
+class _RestoreRNG(Callback):
+    """Restores every rank's RNG states from the checkpoint resumed from, as the last start hook."""
+
+    def __init__(self, rng: Optional[dict], state: trainer_state.TrainerState, rank: int, world_size: int, seed: int):
+        self.arguments = (rng, trainer_state.TrainerState(**vars(state)), rank, world_size, seed)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        trainer_state.restore_rng_for_resume(*self.arguments)
+
+
+def _verify_shards(data, config: Config, is_main: bool) -> None:
+    """Token ids within the model's vocabulary and shard files that match their manifests' digests, checked
+    by the main process (hashing at most once per file version), before any step."""
+    from polycom_lm.data.shards import verify_shard
+
+    if is_main:
+        # Streamed sources have no shard files; their tokenizer's vocabulary is checked by check_vocab.
+        paths = [path for path, _ in data.train if isinstance(path, Path)] + list(data.validation.values())
+        for path in paths:
+            if verify_shard(path, Path(config.data.cache_dir).expanduser(), config.model.vocab_size):
+                logger.info("verified %s against its manifest's sha256", path)
+    _barrier()

@@ -10,8 +10,11 @@ import math
 import re
 from dataclasses import dataclass
 
+from polycom_lm.activations import ACTIVATIONS
 from polycom_lm.config import Config
+from polycom_lm.distributed.parallelize import check_parallel_config
 from polycom_lm.errors import ConfigError
+from polycom_lm.models import MODEL_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,12 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
     if optimizer.grad_clip_norm is not None:
         _positive(optimizer.grad_clip_norm, "optimizer.grad_clip_norm")
 
+    _validate_model(config)
     _positive(training.max_steps, "training.max_steps")
     _positive(training.seq_len, "training.seq_len")
+    if not 0 <= training.seed < 2**63:
+        raise ConfigError(f"training.seed={training.seed} is invalid; it must be an integer in [0, 2**63)")
+    _positive(training.max_consecutive_skips, "training.max_consecutive_skips")
     if training.seq_len > config.model.max_seq_len:
         raise ConfigError(
             f"training.seq_len={training.seq_len} exceeds the model's maximum model.max_seq_len="
@@ -114,8 +121,39 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
 
     if not config.data.train:
         raise ConfigError("data.train is empty; name at least one source (e.g. builtin:pydoc or a shard folder)")
-    _check_registered(config)
+    _check_registered(config, world_size)
+    _check_optional_packages(config)
     return layout
+
+
+def _validate_model(config: Config) -> None:
+    """Sizes positive, and the numbers every step divides by or exponentiates finite and positive (a
+    negative eps or a zero RoPE base would make every step NaN)."""
+    model = config.model
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden_size", "max_seq_len", "activation_order"):
+        _positive(getattr(model, key), f"model.{key}")
+    for key in ("n_kv_heads", "head_dim", "ffn_width"):
+        if getattr(model, key) is not None:
+            _positive(getattr(model, key), f"model.{key}")
+    for key in ("init_std", "norm_eps", "rope_theta"):
+        _positive(getattr(model, key), f"model.{key}")
+    if model.init_truncation is not None:
+        _positive(model.init_truncation, "model.init_truncation", hint=" (standard deviations; null: no truncation)")
+    for key in ("attention_dropout", "hidden_dropout"):
+        if not 0.0 <= getattr(model, key) < 1.0:
+            raise ConfigError(f"model.{key}={getattr(model, key)} is invalid; it must be in [0, 1)")
+
+
+def _check_optional_packages(config: Config) -> None:
+    """Features whose package is an extra, left out of the training-only install (`setup_env.sh train`)."""
+    import importlib.util
+
+    wanted = {"deepspeed": ("distributed.backend=deepspeed", config.distributed.backend == "deepspeed"),
+              "tensorboard": ("logging.tensorboard=true", config.logging.tensorboard)}
+    for package, (setting, used) in wanted.items():
+        if used and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{setting} needs the {package} package, which is not installed; "
+                              f"pip install 'polycom_lm[{package}]' (or bash scripts/setup_env.sh for every extra)")
 
 
 def _validate_schedule(config: Config) -> None:
@@ -126,6 +164,8 @@ def _validate_schedule(config: Config) -> None:
     _positive(schedule.decay_tokens, "schedule.decay_tokens", allow_zero=True)
     if not 0.0 <= schedule.lr_min_ratio <= 1.0:
         raise ConfigError(f"schedule.lr_min_ratio={schedule.lr_min_ratio} is invalid; it must be in [0, 1]")
+    if not 0.0 <= schedule.warmup_start_ratio < 1.0:
+        raise ConfigError(f"schedule.warmup_start_ratio={schedule.warmup_start_ratio} is invalid; it must be in [0, 1)")
     if schedule.units == "steps":
         warmup, decay, total, unit = schedule.warmup_steps, schedule.decay_steps, training.max_steps, "steps"
     else:
@@ -137,6 +177,11 @@ def _validate_schedule(config: Config) -> None:
         warmup, decay, total, unit = schedule.warmup_tokens, schedule.decay_tokens, training.max_steps * tokens_per_step, "tokens"
     if warmup > total:
         raise ConfigError(f"schedule.warmup_{unit}={warmup} exceeds the run's {total} {unit}")
+    if schedule.name in ("cosine", "linear") and 0 < decay <= warmup:
+        raise ConfigError(
+            f"schedule.decay_{unit}={decay} is invalid for {schedule.name}: the decay must end after the warmup "
+            f"({warmup} {unit}); 0 ends it with the run"
+        )
     if schedule.name == "wsd":
         if decay <= 0 or warmup + decay > total:
             raise ConfigError(
@@ -145,44 +190,11 @@ def _validate_schedule(config: Config) -> None:
             )
 
 
-def _check_registered(config: Config) -> None:
-    """Unknown activation / model family / backend: the registries' own one-line errors."""
-    from polycom_lm.distributed.engine import ENGINES
-
-    import_engines(config.distributed.backend)
-    if config.distributed.backend not in ENGINES:
-        raise ConfigError("distributed.backend: " + ENGINES.unknown_message(config.distributed.backend))
-    try:
-        from polycom_lm.activations import ACTIVATIONS
-    except ImportError:  # activations not built yet in this checkout
-        return
+def _check_registered(config: Config, world_size: int) -> None:
+    """Unknown activation / model family / backend (the registries' own one-line errors), and parallelism
+    settings the engine cannot run on `world_size` ranks."""
     if config.model.activation not in ACTIVATIONS:
         raise ConfigError("model.activation: " + ACTIVATIONS.unknown_message(config.model.activation))
-    try:
-        from polycom_lm.models import MODEL_FAMILIES
-    except ImportError:
-        return
     if config.model.family not in MODEL_FAMILIES:
         raise ConfigError("model.family: " + MODEL_FAMILIES.unknown_message(config.model.family))
-
-
-def import_engines(backend: str | None = None) -> None:
-    """Import engine modules so that their `@ENGINES.register` has run.
-
-    The `ddp` engine is always imported; the package `polycom_lm.distributed` may import the others; and an
-    engine not registered by then is looked for in the module of the same name
-    (`distributed.backend: fsdp` → `polycom_lm.distributed.fsdp`), so heavy engines load only when used.
-    """
-    import importlib
-
-    import polycom_lm.distributed  # noqa: F401
-    import polycom_lm.distributed.ddp  # noqa: F401
-    from polycom_lm.distributed.engine import ENGINES
-
-    if backend and backend not in ENGINES and re.fullmatch(r"[a-z_][a-z0-9_]*", backend):
-        module = f"polycom_lm.distributed.{backend}"
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
+    check_parallel_config(config, world_size)

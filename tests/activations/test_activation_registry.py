@@ -12,8 +12,14 @@ from polycom_lm.activations import ACTIVATIONS, build_activation, build_activati
 from polycom_lm.config import ModelConfig
 from polycom_lm.errors import ConfigError
 
-ALL_NAMES = {"relu", "gelu", "swiglu", "polyrelu", "polynorm", "squared_relu", "geglu", "poly"}
+ALL_NAMES = {
+    "relu", "gelu", "swiglu", "polyrelu", "polynorm", "squared_relu", "geglu", "poly", "polyprelu", "polyrelunorm",
+}
 GATED = {"swiglu", "geglu"}
+NORMALIZED = {"polynorm", "polyrelunorm"}
+COEFFICIENTS = {"polyrelu", "polynorm", "poly", "polyprelu", "polyrelunorm"}
+# Parameters beyond the polynomial's `weight` and `bias`, with their init.
+EXTRA_PARAMETERS = {"polyprelu": {"negative_slope": 0.25}}
 
 
 def test_every_paper_activation_is_registered_with_its_flags():
@@ -21,8 +27,8 @@ def test_every_paper_activation_is_registered_with_its_flags():
     for name in ALL_NAMES:
         cls = ACTIVATIONS[name]
         assert cls.gated is (name in GATED), name
-        assert cls.normalizes_over_width is (name == "polynorm"), name
-        assert cls.has_coefficients is (name in {"polyrelu", "polynorm", "poly"}), name
+        assert cls.normalizes_over_width is (name in NORMALIZED), name
+        assert cls.has_coefficients is (name in COEFFICIENTS), name
 
 
 def test_unknown_activation_error_lists_every_registered_name():
@@ -50,14 +56,20 @@ def test_elementwise_activations_match_their_formulas():
     torch.testing.assert_close(build_activation("squared_relu")(x), x.clamp(min=0) ** 2)
 
 
-@pytest.mark.parametrize("name", ["polyrelu", "polynorm", "poly"])
+@pytest.mark.parametrize("name", sorted(n for n, cls in ACTIVATIONS.items() if cls.has_coefficients))
 @pytest.mark.parametrize("order", [1, 3, 4])
 def test_polycom_parameters_start_at_one_over_order_and_zero_bias(name, order):
     module = build_activation(name, order=order)
     params = dict(module.named_parameters())
-    assert set(params) == {"weight", "bias"}
+    extra = EXTRA_PARAMETERS.get(name, {})
+    assert set(params) == {"weight", "bias", *extra}
     torch.testing.assert_close(module.weight.detach(), torch.full((order,), 1.0 / order))
     torch.testing.assert_close(module.bias.detach(), torch.zeros(1))
+    for parameter_name, initial in extra.items():
+        with torch.no_grad():
+            params[parameter_name].fill_(initial + 1.0)
+        module.reset_parameters()
+        torch.testing.assert_close(params[parameter_name].detach(), torch.full((1,), initial))
     assert module(torch.randn(2, 5)).shape == (2, 5)
 
 

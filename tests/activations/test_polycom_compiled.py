@@ -20,10 +20,10 @@ def forward_backward(module, x, grad):
     module.zero_grad()
     out = module(x)
     out.backward(grad)
-    return out.detach(), x.grad, module.weight.grad.clone(), module.bias.grad.clone()
+    return (out.detach(), x.grad, *(parameter.grad.clone() for parameter in module.parameters()))
 
 
-@pytest.mark.parametrize("name", ["polynorm", "polyrelu"])
+@pytest.mark.parametrize("name", ["polynorm", "polyrelu", "polyprelu", "polyrelunorm"])
 def test_compiled_matches_reference_in_fp32_and_bf16(name):
     compiled, plain = build_activation(name, impl="compiled"), build_activation(name, impl="reference")
     with torch.no_grad():
@@ -37,8 +37,9 @@ def test_compiled_matches_reference_in_fp32_and_bf16(name):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance)
     x = torch.randn(18, 48, requires_grad=True)
-    extra = 18 * 3 * 4 if name == "polynorm" else 0
-    assert saved_tensor_bytes(lambda: compiled(x)) == x.numel() * 4 + 3 * 4 + extra
+    inverse_norms = 18 * 3 * 4 if compiled.normalizes_over_width else 0
+    slope = 4 if name == "polyprelu" else 0
+    assert saved_tensor_bytes(lambda: compiled(x)) == x.numel() * 4 + 3 * 4 + inverse_norms + slope
 
 
 class TinyFFN(nn.Module):
@@ -91,7 +92,7 @@ def test_compiled_tensor_parallel_variant_matches_full_width():
         closed_form.polynorm_row_dots(x[:, other], grad[:, other], 3),
     ]
     shard = x[:, local].clone().requires_grad_()
-    out = polynorm_fused(shard, weight, bias, 1e-6, "compiled", lambda partial: partial + contributions.pop(0), 40)
+    out = polynorm_fused(shard, weight, bias, 1e-6, "inductor", lambda partial: partial + contributions.pop(0), 40)
     out.backward(grad[:, local])
     assert not contributions
     torch.testing.assert_close(out, expected_out[:, local], rtol=1e-5, atol=1e-5)

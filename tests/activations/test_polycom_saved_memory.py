@@ -17,8 +17,9 @@ def bytes_of(module, x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_polynorm_keeps_only_input_and_inverse_norms(dtype):
-    module = build_activation("polynorm", impl="fused")
+@pytest.mark.parametrize("name", ["polynorm", "polyrelunorm"])
+def test_fused_polynorm_keeps_only_input_and_inverse_norms(name, dtype):
+    module = build_activation(name, impl="fused")
     x = torch.randn(ROWS, WIDTH, dtype=dtype, requires_grad=True)
     input_bytes = x.numel() * x.element_size()
     coefficient_bytes = module.weight.numel() * 4
@@ -26,11 +27,12 @@ def test_fused_polynorm_keeps_only_input_and_inverse_norms(dtype):
     assert bytes_of(module, x) == input_bytes + inverse_norm_bytes + coefficient_bytes
 
 
-@pytest.mark.parametrize("name", ["polyrelu", "poly"])
+@pytest.mark.parametrize("name", ["polyrelu", "poly", "polyprelu"])
 def test_fused_polynomials_keep_only_input(name):
     module = build_activation(name, impl="fused")
     x = torch.randn(ROWS, WIDTH, requires_grad=True)
-    assert bytes_of(module, x) == x.numel() * 4 + module.weight.numel() * 4
+    slope_bytes = 4 if name == "polyprelu" else 0  # the slope [1] is a parameter too
+    assert bytes_of(module, x) == x.numel() * 4 + module.weight.numel() * 4 + slope_bytes
 
 
 def test_plain_autograd_polynorm_keeps_several_times_more():

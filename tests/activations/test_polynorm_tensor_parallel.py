@@ -1,5 +1,6 @@
-"""PolyNorm under tensor parallelism: two real gloo processes, each holding half of the FFN columns, with
-`row_sum_reducer` = all-reduce SUM, against the full-width single-process result."""
+"""PolyNorm (and PolyReLUNorm, PolyNorm of relu(x)) under tensor parallelism: two real gloo processes, each
+holding half of the FFN columns, with `row_sum_reducer` = all-reduce SUM, against the full-width
+single-process result."""
 
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def full_width_result(impl: str):
+def full_width_result(impl: str, name: str = "polynorm"):
     """Single process, whole rows: (out, dx, dweight, dbias) with the same seeds as the workers."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(ROWS, WIDTH, generator=generator, dtype=torch.float64).requires_grad_()
     grad_out = torch.randn(ROWS, WIDTH, generator=generator, dtype=torch.float64)
-    module = build_activation("polynorm", impl=impl).double()
+    module = build_activation(name, impl=impl).double()
     with torch.no_grad():
         module.weight.copy_(torch.tensor([0.7, -0.4, 1.3]))
         module.bias.fill_(0.25)
@@ -49,18 +50,21 @@ def worker(rank: int, port: int) -> None:
         # One process group for every case: starting processes costs more than the checks.
         for impl, sharded_norm in [("fused", True), ("reference", True), ("fused", False)]:
             check_shard(rank, impl, sharded_norm)
+        for impl in ("fused", "reference"):
+            check_shard(rank, impl, True, "polyrelunorm")
+        check_shard(rank, "fused", False, "polyrelunorm")
     finally:
         dist.destroy_process_group()
 
 
-def check_shard(rank: int, impl: str, sharded_norm: bool) -> None:
-    expected_out, expected_dx, expected_dweight, expected_dbias = full_width_result(impl)
+def check_shard(rank: int, impl: str, sharded_norm: bool, name: str = "polynorm") -> None:
+    expected_out, expected_dx, expected_dweight, expected_dbias = full_width_result(impl, name)
     generator = torch.Generator().manual_seed(0)
     x_full = torch.randn(ROWS, WIDTH, generator=generator, dtype=torch.float64)
     grad_full = torch.randn(ROWS, WIDTH, generator=generator, dtype=torch.float64)
     columns = slice(rank * WIDTH // WORLD, (rank + 1) * WIDTH // WORLD)
     x = x_full[:, columns].clone().requires_grad_()
-    module = build_activation("polynorm", impl=impl).double()
+    module = build_activation(name, impl=impl).double()
     with torch.no_grad():
         module.weight.copy_(torch.tensor([0.7, -0.4, 1.3]))
         module.bias.fill_(0.25)
@@ -83,6 +87,6 @@ def check_shard(rank: int, impl: str, sharded_norm: bool) -> None:
 
 @pytest.mark.slow
 def test_polynorm_tp2_matches_tp1_and_a_per_shard_norm_does_not():
-    """fused and reference PolyNorm on 2 column shards with the all-reduce hook equal the full-width
+    """fused and reference PolyNorm and PolyReLUNorm on 2 column shards with the all-reduce hook equal the full-width
     result (output, input grad, coefficient grads summed over shards); without the hook they differ."""
     mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)

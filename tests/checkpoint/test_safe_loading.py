@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import fractions
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -114,33 +111,14 @@ def test_every_dcp_byte_item_is_read_with_weights_only(tmp_path):
 def deepspeed_checkpoint(tmp_path_factory) -> Path:
     """A genuine ZeRO-2 checkpoint folder (`<dir>/deepspeed/`) of the tiny engine-test model, one process."""
     pytest.importorskip("deepspeed")
-    from engine_harness import HERE, REPOSITORY
+    from engine_harness import run_single_process_deepspeed
 
     directory = tmp_path_factory.mktemp("deepspeed_checkpoint")
-    script = (
-        "import sys, torch\n"
-        "from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed_batch, tiny_config\n"
-        "from polycom_lm.distributed import build_engine\n"
-        "config = tiny_config(backend='deepspeed', zero_stage=2)\n"
-        "engine = build_engine(config, torch.device('cpu'))\n"
-        "engine.setup(build_tiny_model(config), build_optimizer)\n"
-        "engine_step(engine, fixed_batch(config), 2)\n"
-        "engine.save_checkpoint(sys.argv[1])\n"
-        "engine.close()\n"
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", script, str(directory)], env=_deepspeed_environment(HERE, REPOSITORY),
-        capture_output=True, text=True, timeout=600,
+    completed = run_single_process_deepspeed(
+        "engine_step(engine, fixed_batch(config), 2)\nengine.save_checkpoint(sys.argv[1])\n", str(directory)
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return directory
-
-
-def _deepspeed_environment(here: Path, repository: Path) -> dict[str, str]:
-    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    environment.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{repository}{os.pathsep}{here}")
-    environment.setdefault("TORCH_EXTENSIONS_DIR", str(repository / ".cache" / "torch_extensions"))
-    return environment
 
 
 def _run_folder_with(step_directory: Path, tmp_path: Path) -> Path:
@@ -192,29 +170,19 @@ def test_genuine_deepspeed_checkpoints_need_no_trust_and_unknown_objects_need_it
 
 @pytest.mark.slow
 def test_deepspeed_resume_refuses_a_file_that_would_run_code(deepspeed_checkpoint, tmp_path):
-    from engine_harness import HERE, REPOSITORY
+    from engine_harness import run_single_process_deepspeed
 
     step = tmp_path / "step"
     shutil.copytree(deepspeed_checkpoint, step)
     marker = tmp_path / "pwned"
     _replace_model_states(step, {"module": Payload(marker)})
-    script = (
-        "import sys, torch\n"
-        "from engine_harness import build_optimizer, build_tiny_model, tiny_config\n"
-        "from polycom_lm.distributed import build_engine\n"
+    completed = run_single_process_deepspeed(
         "from polycom_lm.errors import CheckpointError\n"
-        "config = tiny_config(backend='deepspeed', zero_stage=2)\n"
-        "engine = build_engine(config, torch.device('cpu'))\n"
-        "engine.setup(build_tiny_model(config), build_optimizer)\n"
         "try:\n"
         "    engine.load_checkpoint(sys.argv[1])\n"
         "except CheckpointError as error:\n"
-        "    print('REFUSED', error)\n"
-        "engine.close()\n"
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", script, str(step)], env=_deepspeed_environment(HERE, REPOSITORY),
-        capture_output=True, text=True, timeout=600,
+        "    print('REFUSED', error)\n",
+        str(step),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     refused = [line for line in completed.stdout.splitlines() if line.startswith("REFUSED")]

@@ -134,3 +134,37 @@ def test_hugging_face_tokenizer_folder_preprocesses_and_travels_with_the_shard(t
     shard = read_shard(preprocess([str(tmp_path / "corpus.jsonl")], tmp_path / "hf", tmp_path / "out", workers=2)["train"])
     assert shard.tokens.tolist() == [2, 3, 4, 1, 5, 6, 7, 0, 1]
     assert load_tokenizer(shard.tokenizer_dir).identity == shard.tokenizer_identity
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_token_budget_keeps_each_sources_first_tokens_exactly(tmp_path, tiny_tokenizer, workers):
+    first, second = make_documents(50, seed=1), make_documents(50, seed=2)
+    write_text_files(tmp_path / "a", first)
+    write_text_files(tmp_path / "b", second)
+    outputs = preprocess([str(tmp_path / "a"), str(tmp_path / "b")], tiny_tokenizer.directory, tmp_path / "out",
+                         max_tokens=777, workers=workers, chunk_chars=300)
+    shard = read_shard(outputs["train"])
+    expected = reference_tokens(tiny_tokenizer, first)[:777] + reference_tokens(tiny_tokenizer, second)[:777]
+    np.testing.assert_array_equal(np.asarray(shard.tokens), expected)  # each source cut at its own budget
+    assert shard.offsets[-1] == 1554 and shard.manifest["settings"]["max_tokens"] == 777
+    with pytest.raises(DataError, match="max_tokens must be positive"):
+        preprocess([str(tmp_path / "a")], tiny_tokenizer.directory, tmp_path / "bad", max_tokens=0)
+
+
+def test_the_progress_bar_shows_tokens_per_second_and_an_eta(tmp_path, tiny_tokenizer, capsys):
+    from polycom_lm.cli import main
+    from polycom_lm.commands.preprocess import ProgressBar
+
+    estimate = ProgressBar(budget=None, total_bytes=1000)
+    estimate(100, 3, 250)  # a quarter of the bytes gave 100 tokens: about 400 in all
+    assert (estimate.bar.n, estimate.bar.total) == (100, 400)
+    estimate.close()
+    budgeted = ProgressBar(budget=5000, total_bytes=10**9)
+    budgeted(100, 3, 250)
+    assert budgeted.bar.total == 5000
+    budgeted.close()
+    write_text_files(tmp_path / "corpus", make_documents(30))
+    assert main(["preprocess", "--source", str(tmp_path / "corpus"), "--tokenizer", str(tiny_tokenizer.directory),
+                 "--out", str(tmp_path / "out"), "--max-tokens", "500"]) == 0
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert "500/500" in bar and "tok/s" in bar and "<00:00" in bar  # done, rate, remaining time

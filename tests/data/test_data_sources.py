@@ -93,7 +93,7 @@ def test_hf_unreachable_dataset_is_a_one_line_error(monkeypatch):
     import huggingface_hub.constants
 
     # The libraries read these at import time; patch the parsed values so nothing waits on the network.
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)  # datasets >= 3 reads this one
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     with pytest.raises(DataError, match="hf:no-such-user/no-such-dataset.*cannot load") as error:

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,26 +67,49 @@ def build_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.1)
 
 
-def reference_losses(config: Config, steps: int) -> list[float]:
-    """Single-process losses of `steps` AdamW steps on the whole fixed batch, float32."""
-    return reference_run(config, steps)[0]
+class Reference(NamedTuple):
+    losses: list[float]
+    norms: list[float]  # global gradient norm before clipping, per step
+
+
+def reference_numbers(config: Config, steps: int) -> Reference:
+    """Single-process losses and gradient norms (before clipping) of `steps` steps."""
+    losses, norms, _ = _reference(config, steps)
+    return Reference(losses, norms)
+
+
+def assert_matches_reference(measured: dict, expected: Reference, steps: slice, relative: float,
+                             norm_relative: Optional[float] = None) -> None:
+    """An engine run's losses *and* pre-clip gradient norms equal the single-process ones over `steps`."""
+    for kind, actual, wanted, tolerance in (
+        ("loss", measured["losses"], expected.losses[steps], relative),
+        ("gradient norm", measured["grad_norms"], expected.norms[steps], norm_relative or relative),
+    ):
+        assert len(actual) == len(wanted), f"{kind}: {len(actual)} steps vs {len(wanted)}"
+        for step, (a, e) in enumerate(zip(actual, wanted)):
+            assert abs(a - e) <= tolerance * abs(e), f"step {step} {kind}: {a} vs single-process {e} (rel {abs(a - e) / abs(e):.2e})"
 
 
 def reference_run(config: Config, steps: int) -> tuple[list[float], torch.nn.Module]:
     """(losses, trained model) of `steps` single-process AdamW steps on the whole fixed batch, float32."""
+    losses, _, model = _reference(config, steps)
+    return losses, model
+
+
+def _reference(config: Config, steps: int) -> tuple[list[float], list[float], torch.nn.Module]:
     model = build_tiny_model(config)
     optimizer = build_optimizer(model)
     batch = fixed_batch(config)
-    losses = []
+    losses, norms = [], []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM).item())
         optimizer.step()
         losses.append(loss.item())
-    return losses, model
+    return losses, norms, model
 
 
 def consolidate_and_compare(step_dir: Path, tmp_path: Path, activation: str, steps: int = 2) -> tuple[Path, Path]:
@@ -113,8 +136,10 @@ def consolidate_and_compare(step_dir: Path, tmp_path: Path, activation: str, ste
     return run_dir, out
 
 
-def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int) -> float:
-    """One optimizer step the way the training loop does it; returns the global mean loss."""
+def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int) -> tuple[float, float]:
+    """One optimizer step the way the training loop does it; returns the global mean loss and the global
+    gradient norm before clipping (a gradient scaled wrongly, e.g. divided by the accumulation steps once
+    too often, barely moves Adam's losses but shows in the norm)."""
     rows = batch.shape[0] // engine.dp_world_size
     assert rows % micro_batches == 0 and rows >= micro_batches, "the fixed batch does not split this way"
     local = batch[engine.dp_rank * rows : (engine.dp_rank + 1) * rows]
@@ -132,9 +157,9 @@ def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int) -> floa
             loss = token_losses / target_tokens * engine.dp_world_size
             engine.backward(loss)
         total += token_losses.detach().double().cpu() / target_tokens
-    engine.clip_grad_norm(MAX_GRAD_NORM)
+    norm = float(engine.clip_grad_norm(MAX_GRAD_NORM))
     engine.optimizer_step()
-    return engine.all_reduce_sum(total).item()
+    return engine.all_reduce_sum(total).item(), norm
 
 
 def run_worker(nproc: int, scenario: str, output: Path, *extra: str, timeout_s: int = 300) -> None:
@@ -155,3 +180,21 @@ def run_worker(nproc: int, scenario: str, output: Path, *extra: str, timeout_s: 
             f"{scenario} on {nproc} ranks failed (exit {completed.returncode}):\n"
             f"{completed.stdout[-4000:]}\n{completed.stderr[-8000:]}"
         )
+
+
+def run_single_process_deepspeed(body: str, *arguments: str, timeout_s: int = 600) -> subprocess.CompletedProcess:
+    """Run `body` in a fresh interpreter without a launcher, after building the tiny model on a ZeRO-2
+    `deepspeed` engine (`config`, `engine` defined; `sys.argv[1:]` = `arguments`)."""
+    script = (
+        "import sys, torch\n"
+        "from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed_batch, tiny_config\n"
+        "from polycom_lm.distributed.parallelize import build_engine, parallelize\n"
+        "config = tiny_config(backend='deepspeed', zero_stage=2)\n"
+        "engine = build_engine(config, torch.device('cpu'))\n"
+        "parallelize(build_tiny_model(config), config, engine, build_optimizer)\n"
+    ) + body + "engine.close()\n"
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    environment.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPOSITORY}{os.pathsep}{HERE}")
+    environment.setdefault("TORCH_EXTENSIONS_DIR", str(REPOSITORY / ".cache" / "torch_extensions"))
+    return subprocess.run([sys.executable, "-c", script, *arguments], env=environment, capture_output=True,
+                          text=True, timeout=timeout_s)

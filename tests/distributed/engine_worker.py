@@ -19,10 +19,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed_batch, tiny_config
-from polycom_lm.distributed import ENGINES  # noqa: F401  (registers the engines)
-from polycom_lm.distributed.engine import build_engine
+from polycom_lm.distributed.parallelize import build_engine, parallelize
 from polycom_lm.distributed.tensor_parallel import interleaved_parameter_degrees, interleaved_to_canonical
-from polycom_lm.train.transforms import apply_activation_checkpointing
 
 DEVICE = torch.device("cpu")
 
@@ -33,21 +31,21 @@ def run_losses(config, steps: int, micro_batches: int = 1, checkpoint_in=None, c
     `save_after_step` (default: the last), training on after it."""
     engine = build_engine(config, DEVICE)
     model = build_tiny_model(config)
-    # As the trainer does: training transforms first, then the engine parallelises.
-    apply_activation_checkpointing(model, config.training.activation_checkpointing)
-    engine.setup(model, build_optimizer)
+    parallelize(model, config, engine, build_optimizer)  # as the trainer does
     if checkpoint_in is not None:
         engine.load_checkpoint(Path(checkpoint_in))
     batch = fixed_batch(config)
-    losses, times = [], []
+    losses, norms, times = [], [], []
     save_after_step = steps if save_after_step is None else save_after_step
     for step in range(1, steps + 1):
         started = time.perf_counter()
-        losses.append(engine_step(engine, batch, micro_batches))
+        loss, norm = engine_step(engine, batch, micro_batches)
+        losses.append(loss)
+        norms.append(norm)
         times.append(time.perf_counter() - started)
         if checkpoint_out is not None and step == save_after_step:
             engine.save_checkpoint(Path(checkpoint_out))
-    return {"losses": losses, "step_time_s": sorted(times)[len(times) // 2]}
+    return {"losses": losses, "grad_norms": norms, "step_time_s": sorted(times)[len(times) // 2]}
 
 
 def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -74,7 +72,7 @@ def tensor_parallel_case(activation: str, qk_norm: bool = False, **distributed) 
     reference = build_tiny_model(config)
     model = copy.deepcopy(reference)
     engine = build_engine(config, DEVICE)
-    engine.setup(model, build_optimizer)
+    parallelize(model, config, engine, build_optimizer)
     batch = fixed_batch(config)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
@@ -117,7 +115,7 @@ def scenario_engines(output: Path, shared: Path) -> dict:
     results["fsdp_bf16"] = run_losses(
         config_with(tiny_config(backend="fsdp"), precision="bf16"), steps=3
     )
-    for activation in ("polynorm", "polyrelu", "swiglu"):
+    for activation in ("polynorm", "polyrelu", "swiglu", "polyprelu", "polyrelunorm"):
         results[f"tp2_{activation}"] = tensor_parallel_case(activation, tp=2)
         results[f"tp2_{activation}"].update(run_losses(tiny_config(activation, backend="fsdp", tp=2), steps=3))
     # Save on 2 ranks (TP 2, interleaved gated layout) after 2 steps; the test resumes on 1.
@@ -139,7 +137,35 @@ def scenario_engines(output: Path, shared: Path) -> dict:
     results["resume_on_2"] = run_losses(
         tiny_config("swiglu", backend="fsdp"), steps=2, checkpoint_in=shared / "saved_on_1"
     )
+    results["truncated_shard_load_errors"] = truncated_shard_load_errors(shared / "saved_on_2", shared / "truncated")
     return results
+
+
+def truncated_shard_load_errors(source: Path, target: Path) -> list[str]:
+    """Every rank's error when loading a copy of `source` whose first shard file is cut to 100 bytes (the
+    rank that reads it fails; DCP raises its `CheckpointException`, a BaseException, on all ranks)."""
+    import shutil
+
+    from polycom_lm.errors import CheckpointError
+
+    if dist.get_rank() == 0:
+        shutil.copytree(source, target)
+        shard = sorted(target.glob("*.distcp"))[0]
+        shard.write_bytes(shard.read_bytes()[:100])
+    dist.barrier()
+    config = tiny_config("swiglu", backend="fsdp", tp=2)
+    engine = build_engine(config, DEVICE)
+    parallelize(build_tiny_model(config), config, engine, build_optimizer)
+    try:
+        engine.load_checkpoint(target)
+        message = "loaded without an error"
+    except CheckpointError as error:
+        message = str(error)
+    except BaseException as error:  # noqa: BLE001  what a raw failure would look like to the user
+        message = f"raw {type(error).__name__}: {error}"
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return messages
 
 
 def scenario_fsdp_tp(output: Path, shared: Path) -> dict:
@@ -166,8 +192,9 @@ def scenario_deepspeed(output: Path, shared: Path) -> dict:
     """2 ranks: ZeRO 1/2/3 in fp32 with gradient accumulation, ZeRO 2 in bf16, and a stage-3 checkpoint."""
     results = {}
     for stage in (1, 2, 3):
+        # micro_batch_size 1: DeepSpeed's own config says 2 accumulation steps, as the loop runs them.
         results[f"zero{stage}_fp32_accumulate"] = run_losses(
-            tiny_config(backend="deepspeed", zero_stage=stage), steps=3, micro_batches=2
+            config_with(tiny_config(backend="deepspeed", zero_stage=stage), micro_batch_size=1), steps=3, micro_batches=2
         )
     results["zero2_bf16"] = run_losses(
         config_with(tiny_config(backend="deepspeed", zero_stage=2), precision="bf16"), steps=3

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import test_expert_parallel_worker as worker  # noqa: E402
+import expert_parallel_worker as worker  # noqa: E402
 
 from polycom_lm.config import config_from_dict  # noqa: E402
-from polycom_lm.distributed.expert_parallel import validate_expert_parallel_config  # noqa: E402
+from polycom_lm.distributed.parallelize import check_parallel_config  # noqa: E402
 from polycom_lm.errors import ConfigError  # noqa: E402
 
 LAYOUTS = [(2, 2), (4, 2)]  # (world size, ep)
@@ -34,13 +34,13 @@ def free_port() -> int:
 
 def single_process_checkpoint(directory: Path) -> dict:
     """One AdamW step of the per-expert case in one process (ep=1), saved by the plain ddp engine."""
-    from polycom_lm.distributed.engine import build_engine
+    from polycom_lm.distributed.parallelize import build_engine, parallelize
 
     case = next(case for case in worker.expert_parallel_cases() if case["per_expert_coefficients"])
     config = worker.case_config(case, ep=1)
     engine = build_engine(config, torch.device("cpu"))
     model = worker.build(config)
-    engine.setup(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
+    parallelize(model, config, engine, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
     _, loss = worker.step_loss(model, worker.batch(1))
     engine.backward(loss)
     engine.optimizer_step()
@@ -61,7 +61,7 @@ def launch(tmp_path_factory, world_size: int, ep: int) -> list[list[dict]]:
     for rank in range(world_size):
         environment = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        command = [sys.executable, str(HERE / "test_expert_parallel_worker.py"), str(output), str(ep),
+        command = [sys.executable, str(HERE / "expert_parallel_worker.py"), str(output), str(ep),
                    str(output / "single_process_checkpoint")]
         processes.append(subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
@@ -115,7 +115,7 @@ def test_expert_parallel_matches_single_process(layout_results, index):
         expert_names = set(got["expert_names"])
         assert any(name.endswith("experts.in_proj") for name in expert_names)
         assert case["per_expert_coefficients"] == any("activation" in name for name in expert_names)
-        assert got["engine"] == "ExpertParallelDDPEngine"
+        assert got["engine"] == "DDPEngine"  # chosen by its name alone; expert parallelism is a transformation
         for name, gradient in got["grads"].items():
             full = expected["grads"][name]
             if name in expert_names:  # this rank's slice of the experts
@@ -126,14 +126,14 @@ def test_expert_parallel_matches_single_process(layout_results, index):
 def test_expert_parallel_checkpoint_resumes_on_one_process(layout_results):
     """Saved with ep=2, loaded by the plain single-process engine: every expert (and its optimizer moments)
     is the concatenation of the EP ranks' shards; replicated weights are rank 0's."""
-    from polycom_lm.distributed.engine import build_engine
+    from polycom_lm.distributed.parallelize import build_engine, parallelize
 
     world_size, ep, ranks = layout_results
     index = next(i for i, case in enumerate(worker.expert_parallel_cases()) if case["per_expert_coefficients"])
     config = worker.case_config(worker.expert_parallel_cases()[index], ep=1)
     engine = build_engine(config, torch.device("cpu"))
     model = worker.build(config)
-    engine.setup(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
+    parallelize(model, config, engine, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
     engine.load_checkpoint(ranks[0][index]["checkpoint"])
     expert_names = set(ranks[0][index]["expert_names"])
     for name, parameter in model.named_parameters():
@@ -184,13 +184,13 @@ def test_bad_expert_parallel_configs_fail_before_any_work():
                                  "distributed": settings})
 
     with pytest.raises(ConfigError, match="distributed.ep=4 does not divide model.moe.num_experts=6.*valid ep degrees"):
-        validate_expert_parallel_config(config(ep=4), world_size=4)
+        check_parallel_config(config(ep=4), world_size=4)
     with pytest.raises(ConfigError, match="does not divide the world size 4"):
-        validate_expert_parallel_config(config(ep=3), world_size=4)
+        check_parallel_config(config(ep=3), world_size=4)
     with pytest.raises(ConfigError, match="needs model.family 'moe'"):
-        validate_expert_parallel_config(config(ep=2, family="dense"), world_size=2)
+        check_parallel_config(config(ep=2, family="dense"), world_size=2)
     with pytest.raises(ConfigError, match="tp > 1 is not supported"):
-        validate_expert_parallel_config(config(ep=2, tp=2), world_size=4)
+        check_parallel_config(config(ep=2, tp=2), world_size=4)
     with pytest.raises(ConfigError, match="implemented with distributed.backend 'ddp'.*got 'fsdp'"):
-        validate_expert_parallel_config(config(ep=2, backend="fsdp"), world_size=4)
-    validate_expert_parallel_config(config(ep=2), world_size=4)  # a valid one passes
+        check_parallel_config(config(ep=2, backend="fsdp"), world_size=4)
+    check_parallel_config(config(ep=2), world_size=4)  # a valid one passes

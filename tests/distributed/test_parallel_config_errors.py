@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from engine_harness import REPOSITORY, build_tiny_model, tiny_config
-from polycom_lm.distributed.mesh import validate_parallel_config
+from polycom_lm.distributed.parallelize import check_parallel_config
 from polycom_lm.distributed.tensor_parallel import check_tensor_parallel_widths
 from polycom_lm.errors import ConfigError
 
@@ -23,20 +23,20 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 
 def test_zero_stage_4_is_rejected_naming_the_valid_stages():
     with pytest.raises(ConfigError) as error:
-        validate_parallel_config(tiny_config(backend="deepspeed", zero_stage=4), world_size=2)
+        check_parallel_config(tiny_config(backend="deepspeed", zero_stage=4), world_size=2)
     assert "distributed.zero_stage=4" in one_line(error) and "1, 2, 3" in str(error.value)
 
 
 def test_world_size_not_divisible_by_tp_is_rejected():
     with pytest.raises(ConfigError) as error:
-        validate_parallel_config(tiny_config(backend="fsdp", tp=2), world_size=3)
+        check_parallel_config(tiny_config(backend="fsdp", tp=2), world_size=3)
     assert "world size 3" in one_line(error) and "distributed.tp=2" in str(error.value)
 
 
 def test_tp_that_does_not_divide_the_heads_is_rejected_with_valid_degrees():
     # 4 query heads, 2 kv heads: tp 4 divides the query heads but not the kv heads.
     with pytest.raises(ConfigError) as error:
-        validate_parallel_config(tiny_config(backend="fsdp", tp=4), world_size=4)
+        check_parallel_config(tiny_config(backend="fsdp", tp=4), world_size=4)
     assert "n_kv_heads=2" in one_line(error) and "valid tp degrees: 1, 2" in str(error.value)
 
 
@@ -53,13 +53,13 @@ def test_tp_that_does_not_divide_the_ffn_width_is_rejected():
 
 def test_hsdp_replicate_degree_must_divide_data_parallel_size():
     with pytest.raises(ConfigError) as error:
-        validate_parallel_config(tiny_config(backend="fsdp", fsdp_replicate=3), world_size=4)
+        check_parallel_config(tiny_config(backend="fsdp", fsdp_replicate=3), world_size=4)
     assert "fsdp_replicate=3" in one_line(error)
 
 
 def test_deepspeed_with_tensor_parallel_is_rejected():
     with pytest.raises(ConfigError, match="deepspeed"):
-        validate_parallel_config(tiny_config(backend="deepspeed", tp=2), world_size=2)
+        check_parallel_config(tiny_config(backend="deepspeed", tp=2), world_size=2)
 
 
 @pytest.mark.slow
@@ -86,5 +86,5 @@ def test_sequence_parallel_needs_a_sequence_length_divisible_by_tp():
     config = tiny_config(backend="fsdp", tp=2, sequence_parallel=True)
     config.training.seq_len = 15
     with pytest.raises(ConfigError) as error:
-        validate_parallel_config(config, world_size=2)
+        check_parallel_config(config, world_size=2)
     assert "training.seq_len=15" in one_line(error)

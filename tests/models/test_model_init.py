@@ -115,3 +115,45 @@ def test_direct_construction_initialises_like_the_config_says():
     torch.manual_seed(0)
     model = Transformer(tiny(init_std=0.05, d_model=128))
     assert model.tok_embeddings.weight.std().item() == pytest.approx(0.05, rel=0.05)
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_init_truncation_bounds_every_normal_draw_at_that_many_standard_deviations(family):
+    """OLMoE's init: N(0, 0.02) cut at ±3σ, no depth scaling. With 2σ the bound is hit by ~5% of draws, so
+    an untruncated init visibly exceeds it while the truncated one never does."""
+    overrides = dict(init_std=0.02, init_depth_scaled=False, family=family)
+    if family == "moe":
+        overrides["moe"] = load_config(TINY).model.moe.__class__(num_experts=4, top_k=2, expert_hidden_size=32)
+    torch.manual_seed(0)
+    truncated = build_model(tiny(init_truncation=2.0, **overrides), device="cpu")
+    torch.manual_seed(0)
+    plain = build_model(tiny(**overrides), device="cpu")
+    checked = 0
+    for (name, value), (_, reference) in zip(truncated.named_parameters(), plain.named_parameters()):
+        if value.ndim < 2:
+            continue  # norm gains, activation coefficients: not drawn from a normal
+        checked += 1
+        assert value.abs().max() <= 2.0 * 0.02 + 1e-9, name
+        assert value.std().item() == pytest.approx(0.02 * 0.880, rel=0.2), name  # std of N(0,1) cut at ±2σ
+        if value.numel() >= 2000:
+            assert reference.abs().max() > 2.0 * 0.02, name  # the bound does something
+    assert checked >= (6 if family == "dense" else 7)
+
+
+def test_dropout_acts_only_while_training():
+    config = tiny(attention_dropout=0.3, hidden_dropout=0.3)
+    torch.manual_seed(0)
+    model = build_model(config, device="cpu")
+    torch.manual_seed(0)
+    plain = build_model(tiny(), device="cpu")
+    input_ids = torch.randint(0, 512, (2, 16))
+    model.train()
+    torch.manual_seed(1)
+    first = model(input_ids)
+    second = model(input_ids)
+    assert not torch.allclose(first, second)  # fresh masks every forward
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(input_ids), first, rtol=0, atol=0)  # the masks come from torch's RNG
+    model.eval()
+    plain.eval()
+    torch.testing.assert_close(model(input_ids), plain(input_ids), rtol=0, atol=0)

@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polycom_lm.activations.kernels.reference import polynomial_reference, polynorm_reference, polyrelu_reference
+from polycom_lm.activations.kernels.reference import (
+    polynomial_reference,
+    polynorm_reference,
+    polyprelu_reference,
+    polyrelu_reference,
+)
 from polycom_lm.config import ModelConfig, MoEConfig, config_from_dict
 from polycom_lm.errors import ConfigError
 from polycom_lm.models.moe import MoEFeedForward, grouped_linear, grouped_mm_supported
@@ -51,8 +56,13 @@ def loop_reference(layer: MoEFeedForward, x: torch.Tensor, activation: str) -> t
                 coefficients = experts.activation
                 weight = coefficients.weight[e] if experts.per_expert_coefficients else coefficients.weight
                 bias = coefficients.bias[e : e + 1] if experts.per_expert_coefficients else coefficients.bias
-                formula = {"polynorm": polynorm_reference, "polyrelu": polyrelu_reference,
-                           "poly": polynomial_reference}[activation]
+                formula = {
+                    "polynorm": polynorm_reference,
+                    "polyrelu": polyrelu_reference,
+                    "poly": polynomial_reference,
+                    "polyrelunorm": lambda h, w, b: polynorm_reference(h.clamp(min=0), w, b),
+                    "polyprelu": lambda h, w, b: polyprelu_reference(h, w, b, coefficients.negative_slope),
+                }[activation]
                 hidden = formula(hidden[None], weight, bias)[0]
             out[t] += top_weights[t, j] * (experts.out_proj[e] @ hidden)
     return out.reshape(x.shape)
@@ -67,6 +77,9 @@ def loop_reference(layer: MoEFeedForward, x: torch.Tensor, activation: str) -> t
         ("polynorm", True, "padded_bmm"),
         ("polyrelu", True, "grouped_mm"),
         ("poly", True, "padded_bmm"),
+        ("polyrelunorm", False, "padded_bmm"),
+        ("polyrelunorm", True, "padded_bmm"),
+        ("polyprelu", False, "padded_bmm"),
     ],
 )
 def test_moe_layer_matches_per_expert_loop(activation, per_expert, matmul):
@@ -187,3 +200,8 @@ def test_bad_moe_configs_fail_at_config_time_naming_the_key():
         MoEFeedForward(moe_config("swiglu", per_expert_coefficients=True))
     with pytest.raises(ConfigError, match="model.moe.expert_matmul"):
         config_from_dict({"model": {"moe": {"expert_matmul": "cutlass"}}})
+
+
+def test_per_expert_coefficients_refuse_polyprelu_naming_the_valid_activations():
+    with pytest.raises(ConfigError, match="per_expert_coefficients needs a PolyCom activation .*polyrelunorm"):
+        MoEFeedForward(moe_config("polyprelu", per_expert_coefficients=True))

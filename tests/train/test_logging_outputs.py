@@ -17,7 +17,7 @@ def test_wandb_settings_default_group_tags_and_offline_mode(prepared_data, tmp_p
     raw = run_config(prepared_data, tmp_path / "my_run")
     del raw["logging"]["wandb_mode"]  # the default
     config = load(raw, ["logging.wandb_tags=[ablation]"])
-    settings = wandb_settings(config, tmp_path / "my_run")
+    settings = wandb_settings(config, tmp_path / "my_run", environ={})
     assert settings["mode"] == "offline"
     assert settings["group"] == "trainer_test"  # the experiment name
     assert settings["name"] == "my_run"
@@ -28,7 +28,7 @@ def test_wandb_settings_default_group_tags_and_offline_mode(prepared_data, tmp_p
 
 
 def test_wandb_offline_tensorboard_and_profiler_write_their_files(prepared_data, tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the config's explicit `offline` wins over the environment
     monkeypatch.setenv("WANDB_SILENT", "true")
     raw = run_config(prepared_data, tmp_path / "run", max_steps=3, eval_every_steps=0, save_every_steps=0,
                      profile_start_step=2, profile_num_steps=1)

@@ -13,9 +13,10 @@ from polycom_lm.distributed.ddp import DDPEngine
 from polycom_lm.models import build_model
 from polycom_lm.train.loop import Trainer, TrainingStopped
 from polycom_lm.train.optim import build_optimizer, build_schedule
-from polycom_lm.train.transforms import apply_activation_checkpointing
+from polycom_lm.distributed.mesh import ParallelDims, ParallelMesh
+from polycom_lm.distributed.parallelize import apply_activation_checkpointing
 from polycom_lm.train.validation import validate_config
-from polycom_lm.train.checkpoint import TrainerState
+from polycom_lm.train.trainer_state import TrainerState
 from trainer_test_helpers import load, run_config
 
 SEQ_LEN = 16
@@ -45,8 +46,8 @@ class RecordingEngine(DDPEngine):
 
     nan_at_call: int | None = None
 
-    def setup(self, model, build_optimizer):
-        super().setup(model, build_optimizer)
+    def wrap(self, model, build_optimizer):
+        super().wrap(model, build_optimizer)
         self.gradients: dict[str, torch.Tensor] = {}
         self.calls = 0
 
@@ -67,11 +68,12 @@ def _trainer(tmp_path, micro_batch_size, activation="swiglu", on_nonfinite="skip
     raw["optimizer"]["grad_clip_norm"] = None
     config = load(raw)
     layout = validate_config(config, 1)
-    engine = RecordingEngine(config, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    engine = RecordingEngine(config, cpu, ParallelMesh(ParallelDims(world_size=1), cpu))
     torch.manual_seed(0)
     network = build_model(config.model, device="cpu")
     initial = copy.deepcopy(network)
-    engine.setup(network, lambda module: build_optimizer(module, config.optimizer))
+    engine.wrap(network, lambda module: build_optimizer(module, config.optimizer))
     trainer = Trainer(
         config, engine, layout, FixedBatches(config.model.vocab_size), TrainerState(),
         build_schedule(config.schedule, config.training.max_steps, layout.tokens_per_step), [],

@@ -8,17 +8,7 @@ import pytest
 
 from polycom_lm.cli import main
 from polycom_lm.train import run_training
-from trainer_test_helpers import load, run_config, write_config
-
-
-def _snapshot(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _train(capsys, config_path, *arguments):
-    code = main(["train", str(config_path), *arguments, "--no-progress"])
-    error = capsys.readouterr().err.strip().splitlines()
-    return code, error[-1] if error else ""
+from trainer_test_helpers import load, run_config, snapshot, train_in_process, write_config
 
 
 @pytest.mark.parametrize(
@@ -35,7 +25,7 @@ def _train(capsys, config_path, *arguments):
 )
 def test_invalid_values_fail_with_one_line_before_writing(capsys, prepared_data, tmp_path, override, message):
     config_path = write_config(tmp_path / "config.yaml", run_config(prepared_data, tmp_path / "run"))
-    code, error = _train(capsys, config_path, override)
+    code, error = train_in_process(capsys, config_path, override)
     assert code == 2
     assert error.startswith("error: ") and message in error
     assert not (tmp_path / "run").exists()
@@ -44,7 +34,7 @@ def test_invalid_values_fail_with_one_line_before_writing(capsys, prepared_data,
 def test_missing_data_folder_fails_without_creating_the_run(capsys, prepared_data, tmp_path):
     raw = run_config(prepared_data, tmp_path / "run")
     raw["data"]["train"] = [{"source": str(tmp_path / "no_such_folder")}]
-    code, error = _train(capsys, write_config(tmp_path / "config.yaml", raw))
+    code, error = train_in_process(capsys, write_config(tmp_path / "config.yaml", raw))
     assert code == 2 and "no_such_folder" in error
     assert not (tmp_path / "run").exists()
 
@@ -59,34 +49,34 @@ def test_corrupt_checkpoints_are_reported_and_left_alone(capsys, prepared_data, 
     pristine = tmp_path / "pristine"
     shutil.copytree(tmp_path / "run", pristine)
     (checkpoint / "trainer_state.json").write_text("{not json")
-    before = _snapshot(tmp_path / "run")
-    code, error = _train(capsys, config_path, *more)
+    before = snapshot(tmp_path / "run")
+    code, error = train_in_process(capsys, config_path, *more)
     assert code == 2 and "step_2/trainer_state.json: corrupt trainer state" in error
-    assert _snapshot(tmp_path / "run") == before
+    assert snapshot(tmp_path / "run") == before
 
     shutil.rmtree(tmp_path / "run")
     shutil.copytree(pristine, tmp_path / "run")
     shard = next(checkpoint.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    before = _snapshot(tmp_path / "run")
-    code, error = _train(capsys, config_path, *more)
+    before = snapshot(tmp_path / "run")
+    code, error = train_in_process(capsys, config_path, *more)
     assert code == 2 and "cannot load model/optimizer state" in error and str(checkpoint) in error
-    assert _snapshot(tmp_path / "run") == before
+    assert snapshot(tmp_path / "run") == before
 
-    code, error = _train(capsys, config_path, "--resume", str(checkpoint / "trainer_state.json"))
+    code, error = train_in_process(capsys, config_path, "--resume", str(checkpoint / "trainer_state.json"))
     assert code == 2 and "not a checkpoint" in error
 
-    code, error = _train(capsys, config_path, "--resume", str(tmp_path / "nowhere"))
+    code, error = train_in_process(capsys, config_path, "--resume", str(tmp_path / "nowhere"))
     assert code == 2 and "not a checkpoint" in error
 
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_99\n")
-    code, error = _train(capsys, config_path)
+    code, error = train_in_process(capsys, config_path)
     assert code == 2 and "not a complete checkpoint" in error
 
 
 def test_resume_without_a_run_and_resume_with_overwrite_are_refused(capsys, prepared_data, tmp_path):
     config_path = write_config(tmp_path / "config.yaml", run_config(prepared_data, tmp_path / "run"))
-    code, error = _train(capsys, config_path, "--resume")
+    code, error = train_in_process(capsys, config_path, "--resume")
     assert code == 2 and "holds no run to resume" in error
     with pytest.raises(SystemExit):  # argparse: mutually exclusive options
         main(["train", str(config_path), "--resume", "--overwrite"])
@@ -106,6 +96,6 @@ def test_checkpoint_metadata_is_never_unpickled_beyond_checkpoint_classes(capsys
             return (os.system, (f"touch {marker}",))
 
     (tmp_path / "run" / "checkpoints" / "step_1" / ".metadata").write_bytes(pickle.dumps(Payload()))
-    code, error = _train(capsys, config_path, "--resume", "training.max_steps=2")
+    code, error = train_in_process(capsys, config_path, "--resume", "training.max_steps=2")
     assert code == 2 and "not a valid checkpoint metadata file (refusing to load posix.system)" in error
     assert not marker.exists()

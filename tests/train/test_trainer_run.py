@@ -82,6 +82,35 @@ def test_bf16_autocast_block_checkpointing_and_token_units_run(prepared_data, tm
     assert rows[1]["lr"] == pytest.approx(3e-3 * 0.1)  # decayed over the last 256 tokens to lr_min_ratio
 
 
+@pytest.mark.parametrize("mode, attention_runs, activation_runs", [
+    ("none", 1, 1), ("activation", 1, 2), ("block", 2, 2),
+])
+def test_activation_checkpointing_recomputes_what_it_says(prepared_data, tmp_path, monkeypatch, mode,
+                                                          attention_runs, activation_runs):
+    """Per micro-batch and layer: `block` runs attention and the activation again in backward,
+    `activation` only the activation, `none` neither (counted through the trainer's own step)."""
+    from polycom_lm.activations.polycom import PolyNorm
+    from polycom_lm.data import PackedDataset
+    from polycom_lm.models.attention import Attention
+    from polycom_lm.train import build_trainer
+
+    calls = {"attention": 0, "activation": 0}
+
+    def counting(kind, forward):
+        def run(self, *args, **kwargs):
+            calls[kind] += 1
+            return forward(self, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(Attention, "forward", counting("attention", Attention.forward))
+    monkeypatch.setattr(PolyNorm, "forward", counting("activation", PolyNorm.forward))
+    raw = run_config(prepared_data, tmp_path / "run", max_steps=1, activation_checkpointing=mode)
+    trainer = build_trainer(load(raw), PackedDataset([(prepared_data["train"], 1.0)], 32, seed=1))
+    trainer.train_step()
+    forwards = 2 * 2  # 2 micro-batches x 2 layers
+    assert calls == {"attention": attention_runs * forwards, "activation": activation_runs * forwards}
+
+
 def test_resuming_from_an_earlier_own_checkpoint_replays_exactly_and_keeps_later_ones(prepared_data, tmp_path):
     output = tmp_path / "run"
     raw = run_config(prepared_data, output, max_steps=4, save_every_steps=1, eval_every_steps=0,

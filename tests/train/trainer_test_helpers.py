@@ -66,9 +66,10 @@ def cli_environment() -> dict[str, str]:
 
 
 def run_cli(*arguments: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("env", cli_environment())
     process = subprocess.run(
         [sys.executable, "-m", "polycom_lm.cli", *arguments],
-        cwd=REPO, env=cli_environment(), capture_output=True, text=True, timeout=300, **kwargs,
+        cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs,
     )
     if check and process.returncode != 0:
         raise AssertionError(f"polycom-lm {' '.join(arguments)} failed ({process.returncode}):\n{process.stderr[-3000:]}")
@@ -79,3 +80,17 @@ def train_rows(metrics_path: Path) -> list[dict]:
     from polycom_lm.train.callbacks.metrics_file import read_metrics
 
     return [row for row in read_metrics(metrics_path) if row["kind"] == "train"]
+
+
+def train_in_process(capsys, config_path, *arguments: str) -> tuple[int, str]:
+    """`polycom-lm train CONFIG ARGUMENTS --no-progress` in this process: (exit status, last stderr line)."""
+    from polycom_lm.cli import main
+
+    code = main(["train", str(config_path), *arguments, "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()
+    return code, error[-1] if error else ""
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder` by relative path, with its bytes (to show nothing was touched)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

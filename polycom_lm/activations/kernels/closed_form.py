@@ -14,6 +14,10 @@ PolyNorm, with c_k the coefficient of x^k (c_k = weight[r-k]) and W the (full) r
     dc_k  = Σ_rows inv_k d_k (with the local, un-reduced d_k: a shard's share of the gradient)
     db    = Σ g
 Only x and inv are needed in backward; x², x³ and the normalised terms are recomputed from x.
+
+PolyReLUNorm is PolyNorm of z = relu(x) (`relu=True` in every PolyNorm function): the formulas above hold
+with z in place of x, and dx = dz · [x > 0]. PolyPReLU is the polynomial of z = prelu(x) = x (x > 0) or a·x
+(x <= 0) with a learnable slope a: dx = g · p'(z) · (1 or a), da = Σ g · p'(z) · x · [x <= 0].
 """
 
 from __future__ import annotations
@@ -28,9 +32,15 @@ def ascending_coefficients(weight: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return weight.detach().flip(0).to(dtype)
 
 
-def polynorm_row_sums(x: torch.Tensor, order: int) -> torch.Tensor:
-    """x [rows, w] → [rows, r]: Σ_j x^(2k) for k = 1..r, in the compute dtype."""
+def _base(x: torch.Tensor, relu: bool) -> torch.Tensor:
+    """x in the compute dtype, through relu when `relu` (PolyReLUNorm's z)."""
     xc = x.to(compute_dtype(x.dtype))
+    return torch.relu(xc) if relu else xc
+
+
+def polynorm_row_sums(x: torch.Tensor, order: int, relu: bool = False) -> torch.Tensor:
+    """x [rows, w] → [rows, r]: Σ_j z^(2k) for k = 1..r (z = relu(x) if `relu` else x), compute dtype."""
+    xc = _base(x, relu)
     square = xc * xc
     power = square
     sums = []
@@ -47,11 +57,11 @@ def polynorm_inverse_norms(sums: torch.Tensor, width: int, eps: float) -> torch.
 
 
 def polynorm_forward_from_inverse_norms(
-    x: torch.Tensor, inverse_norms: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    x: torch.Tensor, inverse_norms: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool = False
 ) -> torch.Tensor:
-    """out = Σ_k c_k inv_k x^k + b by Horner's rule; x [rows, w] → out [rows, w] in x's dtype."""
+    """out = Σ_k c_k inv_k z^k + b by Horner's rule; x [rows, w] → out [rows, w] in x's dtype."""
     dtype = compute_dtype(x.dtype)
-    xc = x.to(dtype)
+    xc = _base(x, relu)
     order = weight.shape[0]
     gamma = inverse_norms * ascending_coefficients(weight, dtype)  # [rows, r]
     accumulator = gamma[:, order - 1 : order]
@@ -62,18 +72,18 @@ def polynorm_forward_from_inverse_norms(
 
 
 def polynorm_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-device PolyNorm: x [rows, w] → (out [rows, w], inverse norms [rows, r])."""
-    sums = polynorm_row_sums(x, weight.shape[0])
+    """Single-device PolyNorm (PolyReLUNorm if `relu`): x [rows, w] → (out [rows, w], inverse norms [rows, r])."""
+    sums = polynorm_row_sums(x, weight.shape[0], relu)
     inverse_norms = polynorm_inverse_norms(sums, x.shape[-1], eps)
-    return polynorm_forward_from_inverse_norms(x, inverse_norms, weight, bias), inverse_norms
+    return polynorm_forward_from_inverse_norms(x, inverse_norms, weight, bias, relu), inverse_norms
 
 
-def polynorm_row_dots(x: torch.Tensor, grad: torch.Tensor, order: int) -> torch.Tensor:
-    """(x, grad) [rows, w] → [rows, r]: Σ_j grad · x^k for k = 1..r, in the compute dtype."""
+def polynorm_row_dots(x: torch.Tensor, grad: torch.Tensor, order: int, relu: bool = False) -> torch.Tensor:
+    """(x, grad) [rows, w] → [rows, r]: Σ_j grad · z^k for k = 1..r, in the compute dtype."""
     dtype = compute_dtype(x.dtype)
-    xc = x.to(dtype)
+    xc = _base(x, relu)
     gc = grad.to(dtype)
     product = gc * xc
     dots = []
@@ -91,10 +101,11 @@ def polynorm_input_grad(
     dots: torch.Tensor,
     weight: torch.Tensor,
     width: int,
+    relu: bool = False,
 ) -> torch.Tensor:
     """dx [rows, w] in x's dtype, from the (reduced) row dots; see the module docstring."""
     dtype = compute_dtype(x.dtype)
-    xc = x.to(dtype)
+    xc = _base(x, relu)
     gc = grad.to(dtype)
     order = weight.shape[0]
     powers = torch.arange(1, order + 1, device=x.device, dtype=dtype)
@@ -108,7 +119,10 @@ def polynorm_input_grad(
     for k in range(order - 1, 0, -1):
         alpha_sum = alpha[:, k - 1 : k] + xc * alpha_sum
         beta_sum = beta[:, k - 1 : k] + square * beta_sum
-    return (gc * alpha_sum - xc * beta_sum).to(x.dtype)
+    input_grad = gc * alpha_sum - xc * beta_sum
+    if relu:
+        input_grad = torch.where(xc > 0, input_grad, torch.zeros_like(input_grad))
+    return input_grad.to(x.dtype)
 
 
 def polynorm_coefficient_grads(
@@ -121,11 +135,11 @@ def polynorm_coefficient_grads(
 
 
 def polynorm_backward(
-    x: torch.Tensor, grad: torch.Tensor, inverse_norms: torch.Tensor, weight: torch.Tensor
+    x: torch.Tensor, grad: torch.Tensor, inverse_norms: torch.Tensor, weight: torch.Tensor, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Single-device PolyNorm backward: (dx [rows, w], d weight [r], d bias [1])."""
-    dots = polynorm_row_dots(x, grad, weight.shape[0])
-    input_grad = polynorm_input_grad(x, grad, inverse_norms, dots, weight, x.shape[-1])
+    """Single-device PolyNorm (PolyReLUNorm if `relu`) backward: (dx [rows, w], d weight [r], d bias [1])."""
+    dots = polynorm_row_dots(x, grad, weight.shape[0], relu)
+    input_grad = polynorm_input_grad(x, grad, inverse_norms, dots, weight, x.shape[-1], relu)
     weight_grad = (inverse_norms * dots).sum(0).flip(0)
     # Per-row sums first: a reduction of the same shape as the row dots, which a compiler fuses into the
     # same pass over grad (a whole-tensor sum would be a pass of its own).
@@ -170,3 +184,49 @@ def polynomial_backward(
         weight_grads.append(product.sum())
     weight_grad = torch.stack(weight_grads).flip(0)
     return input_grad.to(x.dtype), weight_grad, gc.sum().reshape(1)
+
+
+def _prelu(xc: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    return torch.where(xc > 0, xc, slope * xc)
+
+
+def prelu_polynomial_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slope: torch.Tensor
+) -> torch.Tensor:
+    """PolyPReLU: Σ_k c_k z^k + b with z = prelu(x) (negative slope `slope` [1]); [rows, w] → [rows, w]."""
+    dtype = compute_dtype(x.dtype)
+    z = _prelu(x.to(dtype), slope.detach().to(dtype))
+    coefficients = ascending_coefficients(weight, dtype)
+    order = weight.shape[0]
+    accumulator = coefficients[order - 1]
+    for k in range(order - 1, 0, -1):
+        accumulator = coefficients[k - 1] + z * accumulator
+    return (z * accumulator + bias.detach().to(dtype)).to(x.dtype)
+
+
+def prelu_polynomial_backward(
+    x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, slope: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [rows, w] in x's dtype, d weight [r] highest power first, d bias [1], d slope [1]); the last
+    three in the compute dtype."""
+    dtype = compute_dtype(x.dtype)
+    xc = x.to(dtype)
+    gc = grad.to(dtype)
+    a = slope.detach().to(dtype)
+    positive = xc > 0
+    z = torch.where(positive, xc, a * xc)
+    coefficients = ascending_coefficients(weight, dtype)
+    order = weight.shape[0]
+    derivative = order * coefficients[order - 1]
+    for k in range(order - 1, 0, -1):
+        derivative = k * coefficients[k - 1] + z * derivative
+    grad_z = gc * derivative  # dL/dz
+    input_grad = torch.where(positive, grad_z, a * grad_z)
+    slope_grad = torch.where(positive, torch.zeros_like(grad_z), grad_z * xc).sum().reshape(1)
+    product = gc
+    weight_grads = []
+    for _ in range(order):
+        product = product * z
+        weight_grads.append(product.sum())
+    weight_grad = torch.stack(weight_grads).flip(0)
+    return input_grad.to(x.dtype), weight_grad, gc.sum().reshape(1), slope_grad

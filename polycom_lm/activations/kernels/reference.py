@@ -55,6 +55,25 @@ def polyrelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return polynomial_reference(F.relu(x), weight, bias)
 
 
+def polyprelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """Σ_i weight[i] · prelu(x)^(r-i) + bias, prelu(x) = x (x > 0) else slope · x; [..., w] → [..., w]."""
+    x32 = x.to(compute_dtype(x.dtype))
+    prelu = torch.where(x32 > 0, x32, slope.to(x32.dtype) * x32)
+    return polynomial_reference(prelu, weight, bias).to(x.dtype)
+
+
+def polyrelunorm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-6,
+    row_sum_reducer: Optional[RowSumReducer] = None,
+    full_width: Optional[int] = None,
+) -> torch.Tensor:
+    """Σ_i weight[i] · N(relu(x)^(r-i)) + bias: PolyNorm of relu(x); [..., w] → [..., w]."""
+    return polynorm_reference(F.relu(x), weight, bias, eps, row_sum_reducer, full_width)
+
+
 def polynorm_reference(
     x: torch.Tensor,
     weight: torch.Tensor,

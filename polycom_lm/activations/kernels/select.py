@@ -1,5 +1,6 @@
-"""Choosing a PolyCom implementation (`model.activation_impl`) for a device.
+"""Choosing how PolyCom runs: the one place that names the choices.
 
+`IMPLS`, the implementation (`model.activation_impl`):
 - `reference`: plain autograd of the formula (obviously correct; keeps every intermediate).
 - `fused`: the memory-efficient autograd Function; Triton kernels on CUDA, eager PyTorch ops elsewhere.
 - `compiled`: the closed-form bodies under `torch.compile`, as custom ops.
@@ -7,6 +8,11 @@
   tensors of at least `COMPILED_MIN_ELEMENTS` elements when `torch.compile` works there, else `fused`
   (for small tensors the one-off compilation, tens of seconds, costs more than it saves). Inside a
   model that is itself being compiled, `fused` (its closed form is traced and fused by Inductor).
+
+`FUSED_BACKENDS`, where the `fused` Function's per-row work runs (`fused_backend` picks one):
+- `eager`: the closed-form PyTorch ops (any device);
+- `inductor`: the same ops compiled by `torch.compile` (used by `compiled` under tensor parallelism);
+- `triton`: hand-written Triton kernels (CUDA; on CPU only under `TRITON_INTERPRET=1`, for tests).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import torch
 
 IMPLS = ("auto", "reference", "fused", "compiled")
+FUSED_BACKENDS = ("eager", "inductor", "triton")
 COMPILED_MIN_ELEMENTS = 1 << 16
 
 logger = logging.getLogger(__name__)
@@ -55,7 +62,7 @@ def fused_backend(device: torch.device) -> str:
     hand-written kernel launches."""
     if device.type == "cuda" and triton_available() and not torch.compiler.is_compiling():
         return "triton"
-    return "torch"
+    return "eager"
 
 
 def resolve_impl(impl: str, device: torch.device, numel: int = COMPILED_MIN_ELEMENTS) -> str:

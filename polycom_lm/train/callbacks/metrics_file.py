@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from polycom_lm.errors import CheckpointError
 from polycom_lm.train.loop import Callback, Trainer
 
 
@@ -49,25 +50,39 @@ class MetricsFileCallback(Callback):
             self._handle = None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All rows of a metrics file (a torn last line from a killed process is ignored)."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(raw line with its newline, row) for every row of a metrics file. A torn last line (a killed
+    writer) is left out; any other line that is not a JSON object with an integer `step` is a one-line
+    CheckpointError naming the file and line, since it is not what this project wrote."""
+    lines = Path(path).read_bytes().splitlines(keepends=True)
+    parsed = []
+    for number, raw in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+            text = raw.decode("utf-8")
+            row = json.loads(text)
+            valid = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+        except (UnicodeDecodeError, ValueError):
+            valid, row, text = False, None, ""
+        if valid:
+            parsed.append((text if text.endswith("\n") else text + "\n", row))
+        elif number == len(lines) and not raw.endswith(b"\n"):
+            continue  # the last write of a killed process
+        elif raw.strip():
+            raise CheckpointError(
+                f"{path} line {number} is not a metrics row (a JSON object with an integer 'step'); fix or "
+                f"delete that line, or pass --overwrite to start the run over"
+            )
+    return parsed
 
 
-def truncate_metrics_after(path: Path, step: int) -> None:
-    """Drop rows logged after `step` (by a run that died before its next checkpoint); atomic rewrite.
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All rows of a metrics file (see `_parsed_lines` for what is refused)."""
+    return [row for _, row in _parsed_lines(path)]
 
-    A resumed run reproduces those rows exactly, so keeping them would only duplicate steps.
-    """
-    if not Path(path).is_file():
-        return
-    kept = [row for row in read_metrics(path) if int(row.get("step", 0)) <= step]
-    temporary = Path(path).with_name(f".{Path(path).name}.tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-    os.replace(temporary, path)
+
+def split_metrics_at(path: Path, step: int) -> tuple[list[str], list[str]]:
+    """The raw lines of rows logged at or before `step`, and those after it."""
+    kept, after = [], []
+    for text, row in _parsed_lines(path):
+        (kept if row["step"] <= step else after).append(text)
+    return kept, after

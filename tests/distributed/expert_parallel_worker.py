@@ -1,6 +1,6 @@
-"""Worker of test_expert_parallel.py (not a test): one rank of an expert-parallel run on gloo.
+"""Worker of test_expert_parallel.py: one rank of an expert-parallel run on gloo.
 
-Usage: python test_expert_parallel_worker.py OUTPUT_DIR EP SINGLE_PROCESS_CHECKPOINT (with RANK, WORLD_SIZE,
+Usage: python expert_parallel_worker.py OUTPUT_DIR EP SINGLE_PROCESS_CHECKPOINT (with RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT).
 Runs the cases of `expert_parallel_cases()` and saves each rank's results to OUTPUT_DIR/rank{r}.pt.
 """
@@ -68,7 +68,7 @@ def step_loss(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     """Each case through the real `ddp` engine (which hands over to the expert-parallel one), as the
     training loop drives it; the per-expert case also saves a checkpoint."""
-    from polycom_lm.distributed.engine import build_engine
+    from polycom_lm.distributed.parallelize import build_engine, parallelize
 
     output_dir, ep, single_process_checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
@@ -78,8 +78,7 @@ def main() -> None:
         engine = build_engine(config, torch.device("cpu"))
         rank, world_size = dist.get_rank(), dist.get_world_size()
         model = build(config)
-        engine.setup(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
-        state = engine.expert_parallel
+        state = parallelize(model, config, engine, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2)).expert_parallel
         tokens = batch(world_size)[2 * rank : 2 * rank + 2]
         record = {"losses": [], "norms": [], "expert_names": state.expert_parameter_names,
                   "engine": type(engine).__name__}
@@ -111,7 +110,7 @@ def main() -> None:
 def resume_single_process_checkpoint(ep: int, directory: str) -> dict:
     """Load a checkpoint written by one process (ep=1) into an expert-parallel engine whose model starts
     from other weights; return this rank's parameters and Adam moments after the load."""
-    from polycom_lm.distributed.engine import build_engine
+    from polycom_lm.distributed.parallelize import build_engine, parallelize
 
     case = next(case for case in expert_parallel_cases() if case["per_expert_coefficients"])
     config = case_config(case, ep=ep)
@@ -121,12 +120,12 @@ def resume_single_process_checkpoint(ep: int, directory: str) -> dict:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(1.0)  # nothing of the original weights survives unless the load restores it
-    engine.setup(model, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
+    applied = parallelize(model, config, engine, lambda module: torch.optim.AdamW(module.parameters(), lr=1e-2))
     engine.load_checkpoint(directory)
     return {
         "resumed_parameters": {n: p.detach().clone() for n, p in model.named_parameters()},
         "resumed_exp_avg": {n: engine.optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()},
-        "expert_names": engine.expert_parallel.expert_parameter_names,
+        "expert_names": applied.expert_parallel.expert_parameter_names,
     }
 
 

@@ -1,0 +1,191 @@
+"""Expanding a study into runs: one `PlannedRun` per grid combination (and, with `select_lr`, one per
+variant and candidate learning rate), each with its fully resolved config.
+
+Layout of a study folder (`StudySpec.output_dir`)::
+
+    study.json                  the study: grid, LR selection, every run with its grid values and config
+    configs/<run>.yaml          each run's resolved config (what `polycom-lm train` is given)
+    runs/<run>/                 each run's training folder (config.yaml, metrics.jsonl, checkpoints/)
+    lr_sweep/configs/, lr_sweep/runs/   the same for the LR sweep's runs
+    lr_selection.json           the sweep's validation losses and each variant's chosen learning rate
+    logs/<run>.log              the output of each launch, appended on every resume
+    timings.jsonl               wall time of each launch
+
+The overrides of a run are applied to the base config in this order: the study's `overrides`, the run's
+grid values, the `per_value` overrides of those values, then (sweep runs) `lr_sweep.overrides` and the
+candidate learning rate, or (main runs under `select_lr`) the chosen one. On top, the study sets
+`training.output_dir`, the wandb group (the study name, unless the overrides set one), run name and tags
+(`study:<name>` and each grid value as `key=value`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from polycom_lm.config import Config, load_config
+from polycom_lm.errors import ConfigError, PolycomError, first_line
+from polycom_lm.study.spec import SEED_KEY, StudySpec, key_label, run_name, value_label
+from polycom_lm.train.validation import validate_config
+
+MAIN, LR_SWEEP = "main", "lr_sweep"
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    phase: str  # MAIN or LR_SWEEP
+    grid: dict[str, Any]  # the run's grid values (sweep runs: the variant's, the seed and the candidate lr)
+    variant: str  # runs of one variant differ only in their seed
+    overrides: dict[str, Any]
+    config: Config
+    config_path: Path
+    output_dir: Path
+    lr_pending: bool = False  # a main run under select_lr before the sweep chose its learning rate
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "phase": self.phase,
+            "variant": self.variant,
+            "grid": {key: value for key, value in self.grid.items()},
+            "config_file": str(self.config_path),
+            "output_dir": str(self.output_dir),
+            "lr_pending": self.lr_pending,
+            "config": self.config.to_dict(),
+        }
+
+
+def variant_label(assignment: dict[str, Any], spec: StudySpec) -> str:
+    keys = spec.variant_keys
+    return run_name(assignment, keys) if keys else "all"
+
+
+def assignments(spec: StudySpec) -> list[dict[str, Any]]:
+    """Every combination of grid values, the first grid key varying slowest."""
+    keys = list(spec.grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(spec.grid[key] for key in keys))]
+
+
+def _variants(spec: StudySpec) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for assignment in assignments(spec):
+        variant = {key: assignment[key] for key in spec.variant_keys}
+        seen.setdefault(variant_label(variant, spec), variant)
+    return list(seen.values())
+
+
+def default_lr_values(base_lr: float) -> tuple[float, ...]:
+    """The base learning rate x (1/3, 1, 3), to 3 significant digits."""
+    return tuple(float(f"{base_lr * factor:.3g}") for factor in (1 / 3, 1.0, 3.0))
+
+
+def lr_values(spec: StudySpec, world_size: int = 1) -> tuple[float, ...]:
+    assert spec.lr_sweep is not None
+    if spec.lr_sweep.values:
+        return spec.lr_sweep.values
+    base = _build(spec, "lr-default", dict(spec.overrides), world_size)
+    return default_lr_values(float(_get(base, spec.lr_sweep.key)))
+
+
+def _get(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _per_value_overrides(spec: StudySpec, assignment: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for key, value in assignment.items():
+        merged.update(spec.per_value.get(key, {}).get(value_label(value), {}))
+    return merged
+
+
+def _build(spec: StudySpec, name: str, overrides: dict[str, Any], world_size: int) -> Config:
+    """The base config with `overrides` applied and validated for `world_size` processes."""
+    arguments = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    try:
+        config = load_config(spec.base, arguments)
+        validate_config(config, world_size)
+    except PolycomError as error:
+        raise ConfigError(f"{spec.path}: run {name}: {first_line(error)}") from None
+    return config
+
+
+def _study_settings(spec: StudySpec, name: str, assignment: dict[str, Any], output_dir: Path,
+                    overrides: dict[str, Any], base_tags: list[str]) -> dict[str, Any]:
+    keys = list(assignment)
+    tags = [f"study:{spec.name}"] + [f"{key_label(key, keys)}={value_label(value)}" for key, value in assignment.items()]
+    settings = {
+        "training.output_dir": str(output_dir),
+        "logging.wandb_run_name": name,
+        "logging.wandb_tags": list(dict.fromkeys([*base_tags, *tags])),
+    }
+    if "logging.wandb_group" not in overrides:
+        settings["logging.wandb_group"] = spec.name
+    return settings
+
+
+def _plan(spec: StudySpec, name: str, phase: str, assignment: dict[str, Any], variant: str,
+          overrides: dict[str, Any], world_size: int, lr_pending: bool = False) -> PlannedRun:
+    folder = spec.output_dir / (LR_SWEEP if phase == LR_SWEEP else "")
+    output_dir = folder / "runs" / name
+    config_path = folder / "configs" / f"{name}.yaml"
+    preliminary = _build(spec, name, overrides, world_size)
+    settings = _study_settings(spec, name, assignment, output_dir, overrides, list(preliminary.logging.wandb_tags))
+    config = _build(spec, name, {**overrides, **settings}, world_size)
+    return PlannedRun(name, phase, dict(assignment), variant, overrides, config, config_path, output_dir, lr_pending)
+
+
+def sweep_runs(spec: StudySpec, world_size: int = 1) -> list[PlannedRun]:
+    """The LR sweep: every variant at every candidate learning rate, with the first seed of the grid."""
+    if spec.lr_sweep is None:
+        return []
+    sweep = spec.lr_sweep
+    seed = {SEED_KEY: spec.grid[SEED_KEY][0]} if SEED_KEY in spec.grid else {}
+    runs = []
+    for variant in _variants(spec):
+        label = variant_label(variant, spec)
+        for lr in lr_values(spec, world_size):
+            name = f"{label}_lr-{value_label(lr)}"
+            assignment = {**variant, **seed, sweep.key: lr}
+            overrides = {**spec.overrides, **variant, **seed, **_per_value_overrides(spec, variant),
+                         **sweep.overrides, sweep.key: lr}
+            runs.append(_plan(spec, name, LR_SWEEP, assignment, label, overrides, world_size))
+    _check_unique(runs, spec)
+    return runs
+
+
+def main_runs(spec: StudySpec, chosen_lr: Optional[dict[str, float]] = None, world_size: int = 1) -> list[PlannedRun]:
+    """One run per grid combination. Under select_lr, `chosen_lr` maps variant labels to their learning
+    rates; a variant without one keeps the base value and is marked `lr_pending`."""
+    keys = list(spec.grid)
+    runs = []
+    for assignment in assignments(spec):
+        name = run_name(assignment, keys)
+        variant = variant_label({key: assignment[key] for key in spec.variant_keys}, spec)
+        overrides = {**spec.overrides, **assignment, **_per_value_overrides(spec, assignment)}
+        pending = False
+        if spec.lr_sweep is not None:
+            if chosen_lr is not None and variant in chosen_lr:
+                overrides[spec.lr_sweep.key] = chosen_lr[variant]
+            else:
+                pending = True
+        runs.append(_plan(spec, name, MAIN, assignment, variant, overrides, world_size, pending))
+    _check_unique(runs, spec)
+    return runs
+
+
+def _check_unique(runs: list[PlannedRun], spec: StudySpec) -> None:
+    seen: dict[str, PlannedRun] = {}
+    for run in runs:
+        if run.name in seen:
+            raise ConfigError(
+                f"{spec.path}: grid values {seen[run.name].grid} and {run.grid} give the same run name "
+                f"{run.name!r}; make the values distinct after replacing characters other than letters, digits, . _ + -"
+            )
+        seen[run.name] = run

@@ -1,0 +1,259 @@
+"""Study files: a base config, a grid of dotted config keys and per-value overrides, read into `StudySpec`.
+
+A study file (YAML)::
+
+    name: activations_cpu                    # default: the file's stem
+    base: base.yaml                          # the experiment config every run starts from (relative to this file)
+    output_dir: runs/studies/activations     # the study folder (relative to the working directory)
+    overrides: {training.max_steps: 300}     # dotted keys applied to every run
+    grid:                                    # every combination is one run, named from its values
+      model.activation: [relu, gelu, swiglu, polyrelu, polynorm]
+      training.seed: [0, 1, 2]
+    per_value:                               # overrides for the runs where a grid key takes a value
+      model.activation:
+        polynorm: {optimizer.lr: 2.0e-3}
+    select_lr: true                          # a short LR sweep per variant first (see `lr_selection.py`)
+    lr_sweep:
+      values: [1.0e-3, 2.0e-3, 4.0e-3]       # default: the base lr x (1/3, 1, 3)
+      overrides: {training.max_steps: 60}    # what makes a sweep run short
+      validation_set: validation             # default: the first set the runs evaluate
+    analyze: true                            # `polycom-lm analyze` every finished run
+    report_dir: docs/study_cpu               # where `compare` writes the report (default: <output_dir>/report)
+    launcher: {nproc_per_node: 2, slurm: {partition: gpu, time: "24:00:00", gpus_per_node: 8}}
+
+Every key named in `overrides`, `grid`, `per_value` and `lr_sweep` must be a key of the config schema; an
+unknown one is a one-line `ConfigError` naming the study file and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from polycom_lm.config import Config
+from polycom_lm.config.loading import safe_yaml_load
+from polycom_lm.errors import ConfigError
+
+STUDY_KEYS = (
+    "name", "base", "output_dir", "overrides", "grid", "per_value", "select_lr", "lr_sweep", "analyze",
+    "report_dir", "launcher",
+)
+LR_SWEEP_KEYS = ("key", "values", "overrides", "validation_set")
+LAUNCHER_KEYS = ("nproc_per_node", "slurm")
+SLURM_KEYS = ("partition", "time", "gpus_per_node", "cpus_per_task", "mem", "max_parallel", "extra")
+SEED_KEY = "training.seed"
+
+
+@dataclass(frozen=True)
+class LRSweep:
+    key: str
+    values: tuple[float, ...]
+    overrides: dict[str, Any]
+    validation_set: Optional[str]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    path: Path  # the study file
+    name: str
+    base: Path
+    output_dir: Path
+    overrides: dict[str, Any]
+    grid: dict[str, list[Any]]  # in file order
+    per_value: dict[str, dict[str, dict[str, Any]]]  # grid key -> value label -> overrides
+    lr_sweep: Optional[LRSweep]  # set when select_lr is on
+    analyze: bool = False
+    report_dir: Optional[Path] = None
+    nproc_per_node: int = 1
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def variant_keys(self) -> list[str]:
+        """The grid keys that define a variant: all but the seed (runs differing only in seed are repeats)."""
+        return [key for key in self.grid if key != SEED_KEY]
+
+
+def value_label(value: Any) -> str:
+    """How a grid value appears in run names and tables: `polynorm`, `0.001`, `3`, `true`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
+
+
+def key_label(key: str, keys: list[str]) -> str:
+    """The last part of a dotted key (`activation`), or the whole key when another grid key shares it."""
+    short = key.rpartition(".")[2]
+    return short if sum(other.rpartition(".")[2] == short for other in keys) == 1 else key
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "x"
+
+
+def run_name(assignment: dict[str, Any], keys: list[str]) -> str:
+    """`activation-polynorm_seed-0`: the grid values of a run, as a folder name."""
+    return "_".join(f"{_name_part(key_label(key, keys))}-{_name_part(value_label(assignment[key]))}" for key in keys)
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the config schema → its annotation (sections included)."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        dotted = f"{prefix}{item.name}"
+        keys[dotted] = hints[item.name]
+        if dataclasses.is_dataclass(hints[item.name]):
+            keys.update(config_keys(hints[item.name], dotted + "."))
+    return keys
+
+
+def check_key(key: Any, where: str, study: Path) -> str:
+    """`key` if it names a config setting, else a one-line ConfigError with the closest valid key."""
+    valid = config_keys()
+    if isinstance(key, str) and key in valid:
+        if dataclasses.is_dataclass(valid[key]):
+            raise ConfigError(f"{study}: {where} {key!r} is a config section, not a setting; name a key inside it")
+        return key
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"{study}: {where} {key!r} is not a config key{hint}; keys are dotted paths of the config schema, "
+        f"e.g. model.activation, training.seed, optimizer.lr"
+    )
+
+
+def _mapping(value: Any, where: str, study: Path) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{study}: {where} must be a mapping, got {value!r}")
+    return value
+
+
+def _overrides(value: Any, where: str, study: Path) -> dict[str, Any]:
+    mapping = _mapping(value, where, study)
+    return {check_key(key, f"{where} key", study): item for key, item in mapping.items()}
+
+
+def _only(mapping: dict, allowed: tuple[str, ...], where: str, study: Path) -> None:
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{study}: unknown {where} key {key!r}{hint}; valid: {', '.join(allowed)}")
+
+
+def load_study(path: Path) -> StudySpec:
+    """Read and check a study file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file not found: {path}")
+    raw = safe_yaml_load(path.read_text(encoding="utf-8"), str(path))
+    raw = _mapping(raw, "the top level", path)
+    _only(raw, STUDY_KEYS, "study", path)
+    if not raw.get("base"):
+        raise ConfigError(f"{path}: 'base' is missing; name the experiment config the runs start from")
+    base = (path.parent / str(raw["base"])).resolve()
+    if not base.is_file():
+        raise ConfigError(f"{path}: base config {base} not found (a path relative to the study file)")
+    name = str(raw.get("name") or path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
+        raise ConfigError(f"{path}: name {name!r} may hold only letters, digits and . _ + -")
+    grid = _grid(raw.get("grid"), path)
+    per_value = _per_value(raw.get("per_value"), grid, path)
+    overrides = _overrides(raw.get("overrides"), "overrides", path)
+    lr_sweep = _lr_sweep(raw, grid, per_value, overrides, path)
+    launcher = _mapping(raw.get("launcher"), "launcher", path)
+    _only(launcher, LAUNCHER_KEYS, "launcher", path)
+    slurm = _mapping(launcher.get("slurm"), "launcher.slurm", path)
+    _only(slurm, SLURM_KEYS, "launcher.slurm", path)
+    nproc = launcher.get("nproc_per_node", 1)
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ConfigError(f"{path}: launcher.nproc_per_node must be a positive integer, got {nproc!r}")
+    analyze = raw.get("analyze", False)
+    if not isinstance(analyze, bool):
+        raise ConfigError(f"{path}: analyze must be true or false, got {analyze!r}")
+    output_dir = Path(str(raw.get("output_dir") or f"runs/studies/{name}"))
+    report_dir = Path(str(raw["report_dir"])) if raw.get("report_dir") else None
+    return StudySpec(path.resolve(), name, base, output_dir, overrides, grid, per_value, lr_sweep, analyze,
+                     report_dir, nproc, dict(slurm))
+
+
+def _grid(value: Any, study: Path) -> dict[str, list[Any]]:
+    example = "e.g. grid: {model.activation: [relu, polynorm], training.seed: [0, 1]}"
+    grid_raw = _mapping(value, "grid", study)
+    if not grid_raw:
+        raise ConfigError(f"{study}: the grid is empty; name at least one config key with a list of values, {example}")
+    grid: dict[str, list[Any]] = {}
+    for key, values in grid_raw.items():
+        key = check_key(key, "grid key", study)
+        if not isinstance(values, list):
+            raise ConfigError(f"{study}: grid key {key!r} must have a list of values, got {values!r}")
+        if not values:
+            raise ConfigError(f"{study}: grid key {key!r} has no values; give at least one ({example})")
+        labels = [value_label(v) for v in values]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ConfigError(f"{study}: grid key {key!r} lists {', '.join(repeated)} more than once")
+        grid[key] = list(values)
+    return grid
+
+
+def _per_value(value: Any, grid: dict[str, list[Any]], study: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, by_value in _mapping(value, "per_value", study).items():
+        if key not in grid:
+            raise ConfigError(f"{study}: per_value key {key!r} is not a grid key; grid keys: {', '.join(grid)}")
+        labels = [value_label(v) for v in grid[key]]
+        result[key] = {}
+        for grid_value, overrides in _mapping(by_value, f"per_value.{key}", study).items():
+            label = value_label(grid_value)
+            if label not in labels:
+                raise ConfigError(
+                    f"{study}: per_value.{key} names {label!r}, which is not among the grid's values ({', '.join(labels)})"
+                )
+            result[key][label] = _overrides(overrides, f"per_value.{key}.{label}", study)
+    return result
+
+
+def _lr_sweep(raw: dict, grid: dict, per_value: dict, overrides: dict, study: Path) -> Optional[LRSweep]:
+    select = raw.get("select_lr", False)
+    if not isinstance(select, bool):
+        raise ConfigError(f"{study}: select_lr must be true or false, got {select!r}")
+    settings = _mapping(raw.get("lr_sweep"), "lr_sweep", study)
+    _only(settings, LR_SWEEP_KEYS, "lr_sweep", study)
+    if not select:
+        if settings:
+            raise ConfigError(f"{study}: lr_sweep is given but select_lr is not true; set select_lr: true or drop lr_sweep")
+        return None
+    key = check_key(settings.get("key", "optimizer.lr"), "lr_sweep.key", study)
+    if key in grid:
+        raise ConfigError(f"{study}: {key} is both a grid key and chosen by select_lr; drop one of them")
+    for grid_key, by_value in per_value.items():
+        for label, value_overrides in by_value.items():
+            if key in value_overrides:
+                raise ConfigError(
+                    f"{study}: per_value.{grid_key}.{label} sets {key}, which select_lr chooses; drop one of them"
+                )
+    values = settings.get("values")
+    if values is not None:
+        if not isinstance(values, list) or len(values) < 2:
+            raise ConfigError(f"{study}: lr_sweep.values must be a list of at least two learning rates, got {values!r}")
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{study}: lr_sweep.values must be numbers, got {settings['values']!r}") from None
+        if any(not v > 0 for v in values) or len(set(values)) != len(values):
+            raise ConfigError(f"{study}: lr_sweep.values must be distinct positive numbers, got {values!r}")
+    sweep_overrides = _overrides(settings.get("overrides"), "lr_sweep.overrides", study)
+    if key in sweep_overrides:
+        raise ConfigError(f"{study}: lr_sweep.overrides sets {key}, which the sweep varies; list it in lr_sweep.values")
+    validation_set = settings.get("validation_set")
+    return LRSweep(key, tuple(values or ()), sweep_overrides, None if validation_set is None else str(validation_set))

@@ -1,0 +1,81 @@
+"""Studies run for real (subprocesses training the tiny model): a restart skips the finished run and
+resumes the interrupted one; the LR sweep picks each variant's learning rate for the main runs; the
+`study` command writes the report (with the analyses) when every run has finished."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from polycom_lm.checkpoint.folders import CRASH_ENVIRONMENT
+from polycom_lm.cli import main as cli
+from polycom_lm.study import runner
+from polycom_lm.study.grid import main_runs
+from polycom_lm.study.spec import load_study
+from study_helpers import write_study
+from trainer_test_helpers import train_rows
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(run) -> list[tuple[int, float]]:
+    return [(row["step"], row["loss"]) for row in train_rows(run.output_dir / "metrics.jsonl")]
+
+
+def test_restart_skips_the_finished_run_and_resumes_the_interrupted_one(prepared_data, tmp_path, monkeypatch, capsys):
+    path = write_study(tmp_path, prepared_data, {"training.seed": [1, 2]}, analyze=True,
+                       training={"max_steps": 6, "save_every_steps": 2, "eval_every_steps": 3})
+    spec = load_study(path)
+    first, second = main_runs(spec)
+    events: list[str] = []
+    runner.run_study(spec, only="main/" + first.name, on_event=events.append)
+    finished = (first.output_dir / "metrics.jsonl").read_bytes()
+    assert runner.run_status(first) == runner.RunStatus(runner.DONE, 6)
+
+    monkeypatch.setenv(CRASH_ENVIRONMENT, "complete:4")  # SIGKILL inside the step-4 save, once its files are complete
+    with pytest.raises(runner.RunFailed, match=rf"main run {second.name} failed \(exit status -9\).*log: .*{second.name}.log"):
+        runner.run_study(spec, only=second.name, on_event=events.append)
+    monkeypatch.delenv(CRASH_ENVIRONMENT)
+    assert runner.run_status(second).state == runner.PARTIAL
+
+    assert cli(["study", str(path)]) == 0
+    output = capsys.readouterr().out
+    assert f"main run {first.name}: finished at step 6, skipped" in output
+    assert f"main run {second.name}: resuming at step 4" in output
+    assert (first.output_dir / "metrics.jsonl").read_bytes() == finished  # untouched
+    assert [step for step, _ in _rows(second)] == [1, 2, 3, 4, 5, 6]  # no step lost or repeated
+    log = (spec.output_dir / "logs" / f"{second.name}.log").read_text()
+    assert "resumed from" in log and "at step 4" in log
+    timings = [json.loads(line) for line in (spec.output_dir / "timings.jsonl").read_text().splitlines()]
+    assert [(row["run"], row["exit_code"], row["start_step"]) for row in timings] == [
+        (first.name, 0, 0), (second.name, -9, 0), (second.name, 0, 4)]
+    for run in (first, second):
+        analysis = json.loads((run.output_dir / "analysis" / "analysis.json").read_text())
+        assert analysis["step"] == 6 and len(analysis["cosine_similarity"]["values"]) == 2
+    report = (spec.output_dir / "report" / "report.md").read_text()
+    assert "## The paper's analyses" in report and "![effective rank](effective_rank.png)" in report
+    study = json.loads((spec.output_dir / "study.json").read_text())
+    assert [run["name"] for run in study["runs"]] == [first.name, second.name]
+
+
+def test_lr_sweep_chooses_the_learning_rate_of_the_main_runs(prepared_data, tmp_path, capsys):
+    path = write_study(tmp_path, prepared_data, {"model.activation": ["polynorm"], "training.seed": [3]},
+                       select_lr=True, lr_sweep={"values": [1e-4, 3e-2], "overrides": {"training.max_steps": 3}},
+                       training={"max_steps": 4, "eval_every_steps": 0})
+    assert cli(["study", str(path), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "lr chosen by the sweep" in dry and "not started" in dry
+    spec = load_study(path)
+    assert not spec.output_dir.exists()  # a dry run writes nothing
+    assert cli(["study", str(path)]) == 0
+    selection = json.loads((spec.output_dir / "lr_selection.json").read_text())
+    losses = selection["variants"]["activation-polynorm"]["losses"]
+    best = min(losses, key=losses.get)
+    assert float(best) == selection["variants"]["activation-polynorm"]["best"]
+    (run,) = main_runs(spec, {"activation-polynorm": float(best)})
+    assert runner.run_status(run).state == runner.DONE
+    saved = (run.output_dir / "config.yaml").read_text()
+    assert f"lr: {float(best)}" in saved
+    report = (spec.output_dir / "report" / "report.md").read_text()
+    assert "## Learning-rate selection (toy)" in report and "(edge of the sweep)" in report

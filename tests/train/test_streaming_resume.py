@@ -1,0 +1,102 @@
+"""Streaming for real: a training process that tokenises a jsonl file on the fly, killed with SIGKILL and
+restarted, resumes at the same position in the stream, and its losses equal, bitwise, those of a run on the
+same file tokenised offline into the cache (`data.shuffle: false`, so both read in file order), even when
+the resumed run tokenises with another number of processes. The killed run's reader and tokeniser
+processes die with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer_test_helpers import REPO, cli_environment, run_cli, train_rows, write_config
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 10
+WORDS = "the a cat dog sat ran on under mat hill red blue small river stone and then because".split()
+
+
+def make_documents(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80))).capitalize() + "." for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer(tmp_path_factory):
+    from polycom_lm.data.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("stream_corpus")
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as handle:
+        for document in make_documents(400, seed=11):
+            handle.write(json.dumps({"text": document}) + "\n")
+    train_sentencepiece(make_documents(300, seed=99), root / "tokenizer", vocab_size=300)
+    return root / "corpus.jsonl", root / "tokenizer"
+
+
+def _config(corpus_and_tokenizer, folder, name, streaming, stream_workers=1):
+    corpus, tokenizer = corpus_and_tokenizer
+    raw = {
+        "base": str(REPO / "configs" / "model" / "tiny.yaml"),
+        "experiment": "streaming_test",
+        "model": {"activation": "polynorm", "max_seq_len": 64},
+        "data": {"train": [{"source": str(corpus), "max_tokens": 6000}], "tokenizer": {"path": str(tokenizer)},
+                 "cache_dir": str(folder / "cache"), "streaming": streaming, "shuffle": False,
+                 "stream_workers": stream_workers, "preprocess_workers": 1},
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"name": "cosine", "warmup_steps": 1},
+        "training": {"output_dir": str(folder / name), "max_steps": MAX_STEPS, "seq_len": 32,
+                     "global_batch_size": 16, "micro_batch_size": 8, "log_every_steps": 1, "eval_every_steps": 0,
+                     "save_every_steps": 2, "keep_last_checkpoints": 2, "seed": 7},
+        "logging": {"wandb_mode": "disabled", "progress_bar": False},
+    }
+    return write_config(folder / f"{name}.yaml", raw)
+
+
+def _losses(path):
+    return [(row["step"], row["loss"], row["grad_norm"]) for row in train_rows(path / "metrics.jsonl")]
+
+
+def test_sigkilled_streaming_run_resumes_in_place_and_equals_the_offline_run(corpus_and_tokenizer, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    offline = _config(corpus_and_tokenizer, tmp_path, "offline", streaming=False)
+    streamed = _config(corpus_and_tokenizer, tmp_path, "streamed", streaming=True)
+    run_cli("train", str(offline), "--no-progress")
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "polycom_lm.cli", "train", str(streamed), "--no-progress"],
+        cwd=REPO, env=cli_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    pointer = tmp_path / "streamed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if pointer.is_file() and pointer.read_text().strip() == "step_4":
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be killed mid-way"
+    helpers = psutil.Process(process.pid).children(recursive=True)  # the stream's reader and tokeniser
+    assert len(helpers) >= 2
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (tmp_path / "streamed" / "checkpoints" / "step_4" / "data" / "rank_0.json").is_file()
+    killed_at = train_rows(tmp_path / "streamed" / "metrics.jsonl")[-1]["step"]
+    assert killed_at < MAX_STEPS
+    _, alive = psutil.wait_procs(helpers, timeout=30)
+    assert not alive, "the stream's processes outlived the killed trainer"
+
+    # Resume with the tokenising done in the reader process itself: the stream's order does not depend on
+    # the number of tokenisers (an operational key: the same command resumes without --resume).
+    _config(corpus_and_tokenizer, tmp_path, "streamed", streaming=True, stream_workers=0)
+    run_cli("train", str(streamed), "--no-progress")
+
+    resumed = _losses(tmp_path / "streamed")
+    assert [step for step, *_ in resumed] == list(range(1, MAX_STEPS + 1))
+    assert resumed == _losses(tmp_path / "offline")  # bitwise: the same batches in the same order
+    assert len(list((tmp_path / "cache" / "shards").glob("*"))) == 1  # the offline run's; the stream cached nothing
