@@ -16,7 +16,9 @@ from polycom_lm.train.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ("dense_1b", "olmoe_1b_7b")
-CONFIGS = sorted(path for study in STUDIES for path in (ROOT / "configs" / "experiments" / study).glob("*.yaml"))
+# Each study folder also holds a study file (`study.yaml`, for `polycom-lm study`): not a training config.
+CONFIGS = sorted(path for study in STUDIES for path in (ROOT / "configs" / "experiments" / study).glob("*.yaml")
+                 if path.name != "study.yaml")
 
 
 def test_every_study_file_is_covered():

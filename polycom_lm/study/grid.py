@@ -136,7 +136,7 @@ def _plan(spec: StudySpec, name: str, phase: str, assignment: dict[str, Any], va
     output_dir = folder / "runs" / name
     config_path = folder / "configs" / f"{name}.yaml"
     preliminary = _build(spec, name, overrides, world_size)
-    settings = _study_settings(spec, name, assignment, output_dir, overrides, list(preliminary.logging.wandb_tags))
+    settings = _study_settings(spec, name, assignment, output_dir, overrides, list(preliminary.logging.wandb_tags or []))
     config = _build(spec, name, {**overrides, **settings}, world_size)
     return PlannedRun(name, phase, dict(assignment), variant, overrides, config, config_path, output_dir, lr_pending)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -220,6 +221,12 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # Skip the interpreter's teardown: with several DeepSpeed engines alive, a background C++ thread torn
+    # down out of order at exit can abort a rank ("terminate called without an active exception") after
+    # every result is written; that says nothing about what the test measures.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

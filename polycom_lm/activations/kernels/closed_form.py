@@ -130,7 +130,7 @@ def polynorm_coefficient_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d weight [r] highest power first, d bias [1]) in the compute dtype."""
     weight_grad = (inverse_norms * local_dots).sum(0).flip(0)
-    bias_grad = grad.to(inverse_norms.dtype).sum().reshape(1)
+    bias_grad = grad.sum(dtype=inverse_norms.dtype).reshape(1)  # accumulates in fp32 without an fp32 copy
     return weight_grad, bias_grad
 
 
@@ -143,7 +143,7 @@ def polynorm_backward(
     weight_grad = (inverse_norms * dots).sum(0).flip(0)
     # Per-row sums first: a reduction of the same shape as the row dots, which a compiler fuses into the
     # same pass over grad (a whole-tensor sum would be a pass of its own).
-    bias_grad = grad.to(inverse_norms.dtype).sum(-1).sum().reshape(1)
+    bias_grad = grad.sum(-1, dtype=inverse_norms.dtype).sum().reshape(1)
     return input_grad, weight_grad, bias_grad
 
 

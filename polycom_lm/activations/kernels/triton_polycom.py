@@ -56,7 +56,8 @@ def _row_power_sums(x_ptr, row, width, ranks, columns, ORDER: tl.constexpr, ORDE
 @triton.jit
 def _row_dots(x_ptr, grad_ptr, row, width, ranks, columns, ORDER: tl.constexpr, ORDER_PAD: tl.constexpr,
               BLOCK: tl.constexpr, RELU: tl.constexpr):
-    """[ORDER_PAD] vector of Σ_j g_j z_j^k over one row, k = 1..ORDER (zero padding), fp32."""
+    """[ORDER_PAD] vector of Σ_j g_j z_j^k over one row, k = 1..ORDER, in slots 0..ORDER-1, and Σ_j g_j
+    (the row's share of the bias gradient) in slot ORDER; fp32."""
     dots = tl.zeros([ORDER_PAD], dtype=tl.float32)
     for start in range(0, width, BLOCK):
         offsets = start + columns
@@ -65,6 +66,7 @@ def _row_dots(x_ptr, grad_ptr, row, width, ranks, columns, ORDER: tl.constexpr, 
         if RELU:
             x = tl.maximum(x, 0.0)
         grad = tl.load(grad_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
+        dots += tl.where(ranks == ORDER, tl.sum(grad, axis=0), 0.0)
         product = grad * x
         for k in tl.static_range(ORDER):
             dots += tl.where(ranks == k, tl.sum(product, axis=0), 0.0)
@@ -134,11 +136,12 @@ def _polynorm_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     ranks = tl.arange(0, ORDER_PAD)
     columns = tl.arange(0, BLOCK)
-    if HAS_DOTS:
+    if HAS_DOTS:  # all-reduced [rows, ORDER] dots from polynorm_row_dots (tensor parallelism)
         dots = tl.load(dots_ptr + row * ORDER + ranks, mask=ranks < ORDER, other=0.0)
-    else:
+    else:  # computed here; stored [rows, ORDER + 1] with the row's gradient sum last (for the bias)
         dots = _row_dots(x_ptr, grad_ptr, row, width, ranks, columns, ORDER, ORDER_PAD, BLOCK, RELU)
-        tl.store(dots_ptr + row * ORDER + ranks, dots, mask=ranks < ORDER)
+        tl.store(dots_ptr + row * (ORDER + 1) + ranks, dots, mask=ranks <= ORDER)
+        dots = tl.where(ranks < ORDER, dots, 0.0)
     inverse_norms = tl.load(inverse_norms_ptr + row * ORDER + ranks, mask=ranks < ORDER, other=0.0)
     coefficients = tl.load(coefficients_ptr + ranks, mask=ranks < ORDER, other=0.0)
     alpha = (ranks + 1).to(tl.float32) * coefficients * inverse_norms
@@ -287,7 +290,7 @@ def polynorm_row_dots(x: torch.Tensor, grad: torch.Tensor, order: int, relu: boo
         return closed_form.polynorm_row_dots(x, grad, order, relu)
     rows, width = x.shape
     dots = torch.empty(rows, order, device=x.device, dtype=torch.float32)
-    if rows:
+    if rows:  # the kernel stores slots 0..order-1 of _row_dots (not the gradient sum)
         _polynorm_row_dots_kernel[(rows,)](
             x, grad, dots, width, ORDER=order, ORDER_PAD=_order_pad(order), BLOCK=_row_block(width), RELU=relu
         )
@@ -314,13 +317,16 @@ def polynorm_input_grad(x, grad, inverse_norms, dots, weight, width, relu=False)
 
 
 def polynorm_backward(x, grad, inverse_norms, weight, relu=False):
-    """Single-device backward: (dx [rows, w], d weight [r], d bias [1]), dx in one launch."""
+    """Single-device backward: (dx [rows, w], d weight [r], d bias [1]) in one launch that reads x and the
+    gradient; the coefficient and bias gradients come from the per-row dots and gradient sums it stores
+    ([rows, r + 1]), so the gradient is not read again."""
     if x.dtype == torch.float64:
         return closed_form.polynorm_backward(x, grad, inverse_norms, weight, relu)
-    dots = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=torch.float32)
+    order = weight.shape[0]
+    dots = torch.empty(x.shape[0], order + 1, device=x.device, dtype=torch.float32)
     input_grad = _launch_polynorm_backward(x, grad, inverse_norms, dots, weight, x.shape[1], False, relu)
-    weight_grad, bias_grad = closed_form.polynorm_coefficient_grads(grad, inverse_norms, dots)
-    return input_grad, weight_grad, bias_grad
+    weight_grad = (inverse_norms * dots[:, :order]).sum(0).flip(0)
+    return input_grad, weight_grad, dots[:, order].sum().reshape(1)
 
 
 def _launch_polynomial_forward(x, weight, bias, slope, relu, prelu):
