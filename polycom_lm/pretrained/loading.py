@@ -116,10 +116,11 @@ def _run_tokenizer(config, run_dir: Path) -> Path:
         return run_dir / "tokenizer"
     try:
         return resolve_tokenizer(config.data)
-    except DataError as error:
+    except DataError:
+        # The run trained its own tokenizer into data.cache_dir, a path relative to where it was started.
         raise DataError(
-            f"cannot find the tokenizer of {run_dir} ({error}); run from the folder the run was trained in "
-            f"(data.cache_dir {config.data.cache_dir!r} is relative to it) or pass --tokenizer DIR"
+            f"cannot find the tokenizer of {run_dir}: data.cache_dir {config.data.cache_dir!r} (from the current "
+            f"folder) holds none for its data config; run from the folder it was trained in, or pass --tokenizer DIR"
         ) from None
 
 

@@ -99,6 +99,19 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(run_cli, tiny_run, eva
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
     message = one_line_error(run_cli("eval", str(tiny_run), "--tasks", "piqa", "--step", "7", *common, check=False))
     assert "no checkpoint for step 7; available steps: 2" in message
+    # A run whose tokenizer was trained into a cache this folder does not have.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tiny_run, elsewhere, ignore=shutil.ignore_patterns("wandb", "metrics.jsonl"))
+    import yaml
+    config = yaml.safe_load((elsewhere / "config.yaml").read_text())
+    (tmp_path / "corpus.txt").write_text("some text\n")
+    config["data"]["train"] = [{"source": str(tmp_path / "corpus.txt"), "weight": 1.0}]
+    config["data"]["validation"] = []
+    config["data"]["tokenizer"]["path"] = None
+    config["data"]["cache_dir"] = str(tmp_path / "no_cache")
+    (elsewhere / "config.yaml").write_text(yaml.safe_dump(config))
+    message = one_line_error(run_cli("eval", str(elsewhere), "--tasks", "piqa", *common, check=False))
+    assert f"cannot find the tokenizer of {elsewhere}" in message and "pass --tokenizer DIR" in message
 
 
 def test_harness_tasks_are_written_for_the_same_rows(run_cli, tiny_export, eval_data, tmp_path):
