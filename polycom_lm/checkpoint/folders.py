@@ -125,6 +125,24 @@ def latest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
     )
 
 
+def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
+    """The checkpoint folder of run `run_dir` at `step`, or the one to resume from (`latest_checkpoint`)
+    when `step` is None; a one-line CheckpointError naming the available steps otherwise."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"run folder not found: {run_dir}")
+    if step is None:
+        latest = latest_checkpoint(checkpoints)
+        if latest is None:
+            raise CheckpointError(f"{run_dir}: no checkpoint yet (no checkpoints/{LATEST_FILE})")
+        return latest
+    directory = step_directory(checkpoints, step)
+    if not directory.is_dir():
+        available = ", ".join(str(number) for number, _ in list_checkpoints(checkpoints)) or "none"
+        raise CheckpointError(f"{run_dir}: no checkpoint for step {step}; available steps: {available}")
+    return directory
+
+
 def write_text_atomically(path: Path, text: str, crash_point: Optional[str] = None) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(temporary, "w", encoding="utf-8") as handle:

@@ -14,9 +14,6 @@ from pathlib import Path
 
 from polycom_lm.errors import CheckpointError
 
-CHECKPOINTS_FOLDER = "checkpoints"
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("checkpoint", help="inspect and convert checkpoints")
     actions = parser.add_subparsers(dest="checkpoint_command", metavar="ACTION")
@@ -38,57 +35,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     consolidate.set_defaults(func=run_consolidate)
 
 
-def find_step_directory(run_dir: Path, step: int | None) -> Path:
-    """RUN_DIR/checkpoints/step_N (or the latest one when `step` is None)."""
-    from polycom_lm.checkpoint.folders import latest_checkpoint, list_checkpoints, step_directory
-
-    checkpoints = run_dir / CHECKPOINTS_FOLDER
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder not found: {run_dir}")
-    if step is None:
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
-            raise CheckpointError(f"{run_dir}: no checkpoint yet (no {CHECKPOINTS_FOLDER}/latest)")
-        return latest
-    directory = step_directory(checkpoints, step)
-    if not directory.is_dir():
-        available = [str(number) for number, _ in list_checkpoints(checkpoints)]
-        raise CheckpointError(
-            f"{run_dir}: no checkpoint for step {step}; available steps: {', '.join(available) or 'none'}"
-        )
-    return directory
-
-
 def check_against_config(run_dir: Path, state: dict) -> str | None:
-    """Load `state` strictly into a model built from RUN_DIR/config.yaml; returns the config path used."""
+    """Check `state` against a model built from RUN_DIR/config.yaml (strictly: names and shapes); returns
+    the config path used, or None when the run folder has none."""
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         return None
     from polycom_lm.config import load_config
     from polycom_lm.models import build_model
+    from polycom_lm.pretrained.loading import check_state_matches
 
     config = load_config(config_path)
-    model = build_model(config.model, device="meta")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong_shape:
-        details = "; ".join(
-            f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-            if names
-        )
-        raise CheckpointError(f"checkpoint does not match the model of {config_path} ({details})")
+    check_state_matches(state, build_model(config.model, device="meta"),
+                        f"checkpoint does not match the model of {config_path}")
     return str(config_path)
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
     from polycom_lm.checkpoint.consolidate import checkpoint_format, consolidated_model_state, write_safetensors
+    from polycom_lm.checkpoint.folders import find_checkpoint
 
     if args.out.exists() and not args.force:
         raise CheckpointError(f"{args.out} exists; pass --force to replace it")
-    directory = find_step_directory(args.run_dir, args.step)
+    directory = find_checkpoint(args.run_dir, args.step)
     kind = checkpoint_format(directory)
     state = consolidated_model_state(directory, trust_checkpoint=args.trust_checkpoint)
     config_path = check_against_config(args.run_dir, state)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from polycom_lm.checkpoint.consolidate import consolidated_model_state
-from polycom_lm.checkpoint.folders import latest_checkpoint, list_checkpoints, step_directory
+from polycom_lm.checkpoint.folders import find_checkpoint
 from polycom_lm.config import ModelConfig, config_from_dict, load_config
 from polycom_lm.data.prepare import resolve_tokenizer
 from polycom_lm.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
@@ -66,20 +66,6 @@ def model_kind(path: Path) -> str:
         f"{path} is not a model: expected a run folder (config.yaml and checkpoints/), a checkpoint folder "
         f"(RUN/checkpoints/step_N) or an exported folder (config.json, from `polycom-lm export`)"
     )
-
-
-def _checkpoint_folder(run_dir: Path, step: Optional[int]) -> Path:
-    checkpoints = run_dir / "checkpoints"
-    if step is None:
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
-            raise CheckpointError(f"{run_dir}: no checkpoint yet (no checkpoints/latest)")
-        return latest
-    directory = step_directory(checkpoints, step)
-    if not directory.is_dir():
-        available = ", ".join(str(number) for number, _ in list_checkpoints(checkpoints)) or "none"
-        raise CheckpointError(f"{run_dir}: no checkpoint for step {step}; available steps: {available}")
-    return directory
 
 
 def check_state_matches(state: dict[str, torch.Tensor], model: nn.Module, what: str, tied: bool = False) -> None:
@@ -209,7 +195,7 @@ def load_model(
         model_config, state, step_number, tokens, what = _load_export(path)
         tokenizer_dir = Path(tokenizer) if tokenizer else path
     else:
-        directory = _checkpoint_folder(path, step) if kind == "run" else path
+        directory = find_checkpoint(path, step) if kind == "run" else path
         run_dir = path if kind == "run" else path.parent.parent
         config, state, step_number, tokens, what = _load_checkpoint(directory, run_dir, trust_checkpoint)
         model_config = config.model

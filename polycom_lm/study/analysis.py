@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from polycom_lm.checkpoint.consolidate import consolidated_model_state
-from polycom_lm.checkpoint.folders import latest_checkpoint
+from polycom_lm.checkpoint.folders import find_checkpoint
 from polycom_lm.config import Config
 from polycom_lm.errors import CheckpointError
-from polycom_lm.models import build_model
+from polycom_lm.pretrained.loading import build_loaded_model
 from polycom_lm.train.output import CHECKPOINTS_DIR, CONFIG_FILE, read_saved_config
 from polycom_lm.train.trainer_state import read_trainer_state
 
@@ -100,10 +100,7 @@ def resolve_model_folder(path: Path) -> tuple[Path, Path]:
     """(run folder, checkpoint folder) for a run folder (its latest checkpoint) or a checkpoint folder."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
-        checkpoint = latest_checkpoint(path / CHECKPOINTS_DIR)
-        if checkpoint is None:
-            raise CheckpointError(f"{path} holds no checkpoint yet; analyze needs a saved model")
-        return path, checkpoint
+        return path, find_checkpoint(path)
     run = path.parent.parent
     if path.parent.name == CHECKPOINTS_DIR and (run / CONFIG_FILE).is_file():
         return run, path
@@ -120,13 +117,9 @@ def load_trained_model(path: Path, device: str = "cpu") -> tuple[nn.Module, Conf
     step = read_trainer_state(checkpoint).step
     # The fused kernels compute the same function without compiling anything for a few forwards.
     model_config = dataclasses.replace(config.model, activation_impl="fused")
-    model = build_model(model_config, device=device)
-    state = consolidated_model_state(checkpoint)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint} does not fit the model of {run / CONFIG_FILE}: {str(error).splitlines()[0]}") from None
-    return model.float().eval(), config, checkpoint, step
+    model = build_loaded_model(model_config, consolidated_model_state(checkpoint),
+                               f"{checkpoint} does not fit the model of {run / CONFIG_FILE}", device, torch.float32)
+    return model, config, checkpoint, step
 
 
 def validation_batches(config: Config, data: Optional[str], max_tokens: int, batch_size: int) -> tuple[str, list[torch.Tensor]]:

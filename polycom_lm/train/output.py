@@ -54,8 +54,10 @@ LOCK_FILE = ".polycom_lm.lock"
 # entries that the project (or wandb / TensorBoard / the profiler on its behalf) writes. --overwrite
 # removes these entries and nothing else; a folder is removed only when nothing else is left in it.
 RUN_FILES = ("config.yaml", "config.before_step_*.yaml", "metrics.jsonl", ".metrics.jsonl.tmp", "wandb_run_id")
+TOKENIZER_DIR = "tokenizer"
 RUN_FOLDERS = {
     CHECKPOINTS_DIR: ("step_*", ".tmp-step_*", ".stale-step_*", LATEST_FILE, f".{LATEST_FILE}.tmp-*"),
+    TOKENIZER_DIR: ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
     RETIRED_DIR: ("*-resumed-at-step_*",),
     "tensorboard": ("events.out.tfevents.*",),
     "wandb": ("offline-run-*", "run-*", "latest-run", "debug.log", "debug-internal.log", "debug-cli.*.log"),
@@ -247,9 +249,10 @@ def remove_run_artifacts(output_dir: Path) -> list[Path]:
     return removed
 
 
-def prepare_output(plan: OutputPlan, config: Config, resumed_step: int) -> None:
+def prepare_output(plan: OutputPlan, config: Config, resumed_step: int, tokenizer: Optional[Any] = None) -> None:
     """Main process only, under the run lock: clear (on --overwrite), repair, create, write config.yaml,
-    keep the history one line (see the module docstring)."""
+    keep the history one line (see the module docstring), and keep a copy of the run's `tokenizer` in
+    `tokenizer/` so that eval, export and generate find it wherever the run folder goes."""
     output_dir = plan.output_dir
     if plan.overwrite:
         removed = remove_run_artifacts(output_dir)
@@ -264,6 +267,13 @@ def prepare_output(plan: OutputPlan, config: Config, resumed_step: int) -> None:
         shutil.copyfile(config_path, kept)
         logger.warning("resuming with a changed config; the previous one is kept as %s", kept)
     write_text_atomically(config_path, config.to_yaml())
+    if tokenizer is not None and not (output_dir / TOKENIZER_DIR).is_dir():
+        from polycom_lm.data.tokenizer import copy_tokenizer
+
+        temporary = output_dir / f".{TOKENIZER_DIR}.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        copy_tokenizer(tokenizer, temporary)
+        os.replace(temporary, output_dir / TOKENIZER_DIR)
 
 
 def _retire_history_after(output_dir: Path, step: int) -> None:

@@ -158,7 +158,7 @@ def run_training(
     try:
         rank = _global_rank()
         is_main = rank == 0
-        from polycom_lm.data import build_train_dataset, check_vocab, prepare_run_data
+        from polycom_lm.data import build_train_dataset, check_vocab, load_tokenizer, prepare_run_data
 
         # A missing data folder or a vocabulary mismatch fails before the output folder is touched.
         data = prepare_run_data(config.data, is_main_process=is_main, barrier=_barrier)
@@ -185,7 +185,7 @@ def run_training(
                     f"training.output_dir {plan.output_dir} changed while this run was starting (another run "
                     f"used it); start again"
                 )
-            prepare_output(plan, config, state.step)
+            prepare_output(plan, config, state.step, tokenizer=load_tokenizer(data.tokenizer_dir))
         _barrier()
 
         output_dir = plan.output_dir

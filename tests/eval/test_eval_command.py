@@ -99,9 +99,10 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(run_cli, tiny_run, eva
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
     message = one_line_error(run_cli("eval", str(tiny_run), "--tasks", "piqa", "--step", "7", *common, check=False))
     assert "no checkpoint for step 7; available steps: 2" in message
-    # A run whose tokenizer was trained into a cache this folder does not have.
+    # A run whose tokenizer was trained into a cache this folder does not have, and that holds no copy of it
+    # (runs keep one in tokenizer/ since it was added; older runs do not).
     elsewhere = tmp_path / "elsewhere"
-    shutil.copytree(tiny_run, elsewhere, ignore=shutil.ignore_patterns("wandb", "metrics.jsonl"))
+    shutil.copytree(tiny_run, elsewhere, ignore=shutil.ignore_patterns("wandb", "metrics.jsonl", "tokenizer"))
     import yaml
     config = yaml.safe_load((elsewhere / "config.yaml").read_text())
     (tmp_path / "corpus.txt").write_text("some text\n")

@@ -44,6 +44,11 @@ def test_run_writes_config_metrics_coefficients_evaluation_and_checkpoints(prepa
     state = json.loads((checkpoints / "step_4" / "trainer_state.json").read_text())
     assert state == {"step": 4, "tokens": 4 * 8 * 32, "consumed_samples": 32, "skipped_steps": 0, "world_size": 1}
     assert (checkpoints / "step_4" / "rng" / "rank_0.pt").is_file()
+    # The run keeps its tokenizer, so eval / export / generate find it wherever the folder is moved.
+    from polycom_lm.data import load_tokenizer
+
+    kept = load_tokenizer(output / "tokenizer")
+    assert kept.identity == load_tokenizer(prepared_data["train"] / "tokenizer").identity
 
 
 def test_same_config_resumes_and_changed_config_needs_resume_or_overwrite(prepared_data, tmp_path):
