@@ -15,12 +15,15 @@ peak memory is per variant):
   Liger-Kernel's `LigerPolyNormFunction` when `liger_kernel` imports, and the seed's version (eager
   autograd inside activation checkpointing). Effective TB/s counts the least traffic possible (read x and
   write y forward; read x and dy, write dx backward: 5 × rows × width elements) over the measured time.
+- `loss`: the output head and its cross-entropy alone at the dense shape (scripts/bench_loss.py): the
+  logits path against the fused, chunked one (`training.cross_entropy=fused`), time and memory.
 - `dense`: the 1B dense model (24 × 2048, 16 heads, SwiGLU 5504 / others 8256, vocab 32000) on 4 × 2048
   tokens, bf16: our trainer step (`build_trainer(...).train_step()`, `training.compile`) for each of the
-  five activations, and transformers' `LlamaForCausalLM` (SDPA) in a plain loop.
+  five activations (SwiGLU and PolyNorm also with `training.cross_entropy=fused`), and transformers'
+  `LlamaForCausalLM` (SDPA) in a plain loop.
 - `moe`: the OLMoE shape with 4 layers (2048, 64 experts top-8, expert width 1024 / 1536, full-width QK
-  norm, vocab 50304) on 4 × 2048 tokens, bf16: ours with SwiGLU, PolyNorm and PolyReLU, and transformers'
-  `OlmoeForCausalLM` (grouped_mm experts) in a plain loop.
+  norm, vocab 50304) on 4 × 2048 tokens, bf16: ours with SwiGLU, PolyNorm (also with the fused
+  cross-entropy) and PolyReLU, and transformers' `OlmoeForCausalLM` (grouped_mm experts) in a plain loop.
 MFU is against the table peak of the device (989 TFLOP/s dense bf16 on H100/H200) and, beside it, the
 bf16 matmul rate measured in the `machine` section. Needs neither datasets, wandb nor DeepSpeed.
 """
@@ -48,7 +51,8 @@ from polycom_lm.models.flops import training_flops_per_token  # noqa: E402
 from polycom_lm.train.flops import lookup_peak  # noqa: E402
 
 ACTIVATIONS = ["relu", "gelu", "swiglu", "polyrelu", "polynorm"]
-SECTIONS = ["machine", "kernels", "dense", "moe"]
+SECTIONS = ["machine", "kernels", "loss", "dense", "moe"]
+FUSED_LOSS_ACTIVATIONS = ("swiglu", "polynorm")  # also timed with training.cross_entropy=fused
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -259,6 +263,11 @@ def dense(args, device, peak, measured_matmul) -> list[dict]:
         row = timed_variant(lambda: trainer_variant(f"ours {activation}", config, "bf16", flops, step_args),
                             f"ours {activation} trainer step", flops, args, device, peak, measured_matmul)
         rows.extend([row] if row else [])
+        if activation in FUSED_LOSS_ACTIVATIONS:  # the head and loss in chunks: no [tokens, vocab] logits kept
+            row = timed_variant(
+                lambda: trainer_variant(f"ours {activation}", config, "bf16", flops, step_args, cross_entropy="fused"),
+                f"ours {activation} trainer step, fused CE", flops, args, device, peak, measured_matmul)
+            rows.extend([row] if row else [])
     swiglu = ModelConfig(vocab_size=args.dense_vocab, d_model=args.dense_hidden, n_layers=args.dense_layers,
                          n_heads=args.dense_heads, ffn_hidden_size=args.dense_ffn, max_seq_len=args.seq_len)
     flops = training_flops_per_token(swiglu, args.seq_len)
@@ -305,6 +314,11 @@ def moe(args, device, peak, measured_matmul) -> list[dict]:
         row = timed_variant(lambda: trainer_variant(f"ours moe {activation}", config, "bf16", flops, step_args),
                             f"ours moe {activation} trainer step", flops, args, device, peak, measured_matmul)
         rows.extend([row] if row else [])
+        if activation == "polynorm":
+            row = timed_variant(
+                lambda: trainer_variant(f"ours moe {activation}", config, "bf16", flops, step_args, cross_entropy="fused"),
+                f"ours moe {activation} trainer step, fused CE", flops, args, device, peak, measured_matmul)
+            rows.extend([row] if row else [])
     config = moe_config(args, "swiglu")
     flops = training_flops_per_token(config, args.seq_len)
     row = timed_variant(lambda: plain_variant("hf olmoe", hf_olmoe(config, device), "bf16", False, flops, True),
@@ -369,6 +383,15 @@ def main(argv=None) -> int:
     if "kernels" in args.sections:
         print("== kernels (forward + backward)", flush=True)
         results["kernels"] = kernels(args, device, copy_rate)
+    if "loss" in args.sections:
+        from bench_loss import measure, parse_arguments as loss_arguments
+
+        print(f"== output head + cross-entropy alone ({args.batch} x {args.seq_len} tokens, d {args.dense_hidden}, "
+              f"vocab {args.dense_vocab}, bf16)", flush=True)
+        results["loss"] = measure(loss_arguments([
+            "--tokens", str(args.batch * args.seq_len), "--dim", str(args.dense_hidden), "--vocab", str(args.dense_vocab),
+            "--precision", "bf16", "--device", str(args.device_name), "--repeats", str(args.kernel_repeats),
+        ] + ([] if args.compile else ["--no-compile"])))
     if "dense" in args.sections:
         print(f"== dense 1B shape, {args.batch} x {args.seq_len} tokens, bf16", flush=True)
         results["dense"] = dense(args, device, peak, measured_matmul)

@@ -124,7 +124,7 @@ class FixedBatch:
         return {"input_ids": self.tokens[:global_batch_size]}
 
 
-def trainer_variant(label, model_config_, precision, flops_per_token, args) -> Variant:
+def trainer_variant(label, model_config_, precision, flops_per_token, args, cross_entropy: str = "logits") -> Variant:
     """What `polycom-lm train` runs: `build_trainer(config, dataset).train_step()` with `training.compile`
     (compiled blocks and loss), fused AdamW over the trainer's parameter groups, clipping, the loop's
     loss normalisation and its one host sync per step."""
@@ -135,7 +135,7 @@ def trainer_variant(label, model_config_, precision, flops_per_token, args) -> V
         schedule=ScheduleConfig(name="constant", warmup_steps=0),
         training=TrainingConfig(seq_len=args.seq_len, global_batch_size=args.batch, micro_batch_size=args.batch,
                                 precision=precision, compile=getattr(args, "compile", True), max_steps=10**6,
-                                device=args.device),
+                                device=args.device, cross_entropy=cross_entropy),
     )
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=generator)

@@ -28,5 +28,15 @@ def test_bench_gpu_smoke_run_writes_every_section(tmp_path):
     kernels = {(row["activation"], row["variant"]) for row in results["kernels"]}
     assert {("polynorm", "ours (fused)"), ("polyrelu", "ours (fused)"), ("polynorm", "seed (eager + checkpoint)")} <= kernels
     assert all(row["dx_relative_difference_to_ours"] < 2e-2 for row in results["kernels"])
-    assert [row["variant"] for row in results["dense"]] == ["ours polynorm trainer step", "transformers Llama (plain loop)"]
-    assert len(results["moe"]) == 4 and all(row["tokens_per_s"] > 0 for row in results["moe"])
+    assert [row["variant"] for row in results["dense"]] == [
+        "ours polynorm trainer step", "ours polynorm trainer step, fused CE", "transformers Llama (plain loop)"
+    ]
+    assert len(results["moe"]) == 5 and all(row["tokens_per_s"] > 0 for row in results["moe"])
+    loss = {row["variant"]: row for row in results["loss"]}
+    assert set(loss) == {"logits", "fused"}
+    assert loss["fused"]["loss"] == pytest.approx(loss["logits"]["loss"], rel=1e-2)  # bf16 logits
+    # The logits path keeps the [tokens, vocab] float32 log-probabilities for backward; the fused path keeps
+    # only the input's gradient [tokens, d] and the weight's [vocab, d] (float32). Smoke: 64 tokens, d 64.
+    tokens, dim, vocab = 2 * 32, 64, 256
+    assert loss["logits"]["kept_for_backward_bytes"] >= tokens * vocab * 4
+    assert loss["fused"]["kept_for_backward_bytes"] == (tokens * dim + vocab * dim) * 4

@@ -203,6 +203,10 @@ class TrainingConfig:
     activation_checkpointing: Literal["none", "activation", "block"] = "none"
     compile: bool = False  # torch.compile each transformer block and the loss (every experiment config turns it on;
     # off by default so that tests and one-off runs pay no compile time)
+    # logits: the head's logits for the whole micro-batch, then the loss; fused: the head and the loss
+    # together, `cross_entropy_chunk_tokens` tokens at a time, never holding all logits (models/lm_head.py)
+    cross_entropy: Literal["logits", "fused"] = "logits"
+    cross_entropy_chunk_tokens: int = 2048
     on_nonfinite: Literal["skip", "stop"] = "skip"  # NaN/inf loss or gradient norm: drop the update, or stop
     max_consecutive_skips: int = 10  # `skip` stops (saving the last good state) after this many in a row
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -118,11 +118,14 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
 
 def apply_compile(model: nn.Module) -> int:
     """`torch.compile` each transformer block separately (fast to compile, one graph reused by all layers
-    of equal shape). Returns the number of blocks compiled."""
+    of equal shape), and the fused cross-entropy's chunk step. Returns the number of blocks compiled."""
     layers = getattr(model, "layers", None)
     if layers is None:
         raise ValueError("training.compile needs a model with a `layers` list of blocks")
     for block in layers:
         block.compile()
+    head = getattr(model, "output", None)
+    if hasattr(head, "compile_loss"):  # the fused cross-entropy's per-chunk softmax and loss
+        head.compile_loss()
     logger.info("compiled %d transformer blocks with torch.compile", len(layers))
     return len(layers)

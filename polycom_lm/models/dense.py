@@ -18,7 +18,7 @@ from polycom_lm.models.attention import Attention, attention_shape, document_cau
 from polycom_lm.models.feedforward import FeedForward
 from polycom_lm.models.init import normal_init_
 from polycom_lm.models.kv_cache import KVCache, LayerKVCache
-from polycom_lm.models.linear import Linear
+from polycom_lm.models.lm_head import DEFAULT_CHUNK_TOKENS, LMHead
 from polycom_lm.models.norm import RMSNorm
 from polycom_lm.models.rope import RotaryEmbedding
 
@@ -80,7 +80,8 @@ class Transformer(nn.Module):
     """Decoder-only language model.
 
     forward(input_ids [batch, seq] int64, document_ids [batch, seq] int64 or None) → logits
-    [batch, seq, vocab_size]. With `document_ids`, a token attends only to earlier tokens of its own
+    [batch, seq, vocab_size]; with `targets` [batch, seq] int64 (-100: not counted) it returns the summed
+    token cross-entropy instead, `loss_chunk_tokens` tokens at a time (`models/lm_head.py`). With `document_ids`, a token attends only to earlier tokens of its own
     document (packed sequences); positions are not reset per document, which changes nothing under RoPE
     because scores depend only on the distance between tokens of one document.
 
@@ -99,7 +100,7 @@ class Transformer(nn.Module):
             TransformerBlock(config, layer_index, ffn_factory) for layer_index in range(config.n_layers)
         )
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.output = Linear(config.d_model, config.vocab_size, bias=False, impl=config.linear_impl)
+        self.output = LMHead(config.d_model, config.vocab_size, impl=config.linear_impl)
         self._tie_weights()
         if self.tok_embeddings.weight.device.type != "meta":
             self.init_weights()
@@ -114,8 +115,17 @@ class Transformer(nn.Module):
         self._tie_weights()
         return result
 
-    def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.output(self.hidden_states(input_ids, document_ids))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        document_ids: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> torch.Tensor:
+        h = self.hidden_states(input_ids, document_ids)
+        if targets is None:
+            return self.output(h)
+        return self.output(h, targets=targets, chunk_tokens=loss_chunk_tokens)
 
     def hidden_states(
         self,

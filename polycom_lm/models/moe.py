@@ -18,6 +18,7 @@ import torch
 from polycom_lm.config import ModelConfig
 from polycom_lm.models import MODEL_FAMILIES
 from polycom_lm.models.dense import Transformer
+from polycom_lm.models.lm_head import DEFAULT_CHUNK_TOKENS
 from polycom_lm.models.moe_experts import GroupedExperts, grouped_linear, grouped_mm_supported
 from polycom_lm.models.moe_layer import (
     LocalDispatcher,
@@ -50,7 +51,7 @@ def _moe_ffn(config: ModelConfig, layer_index: int) -> MoEFeedForward:
 @MODEL_FAMILIES.register("moe")
 class MoETransformer(Transformer):
     """Decoder-only MoE language model: forward(input_ids [batch, seq], document_ids=None) → logits
-    [batch, seq, vocab_size]; see `Transformer`."""
+    [batch, seq, vocab_size] (or, with `targets`, the summed cross-entropy); see `Transformer`."""
 
     def __init__(self, config: ModelConfig):
         validate_moe_model_config(config)
@@ -60,10 +61,16 @@ class MoETransformer(Transformer):
     def moe_layers(self) -> list[MoEFeedForward]:
         return [layer.ffn for layer in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        logits = super().forward(input_ids, document_ids)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        document_ids: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> torch.Tensor:
+        out = super().forward(input_ids, document_ids, targets, loss_chunk_tokens)
         self.last_aux_losses = self.weighted_aux_losses()
-        return logits
+        return out
 
     def weighted_aux_losses(self) -> dict[str, torch.Tensor]:
         """The last forward's auxiliary losses, averaged over layers and weighted (see module docstring)."""

@@ -108,6 +108,12 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
         raise ConfigError("training.output_dir is empty; give the folder the run writes to")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", training.device):
         raise ConfigError(f"training.device={training.device!r} is invalid; use auto, cpu, cuda or cuda:N")
+    _positive(training.cross_entropy_chunk_tokens, "training.cross_entropy_chunk_tokens")
+    if training.cross_entropy == "fused" and config.distributed.tp > 1:
+        raise ConfigError(
+            "training.cross_entropy=fused needs the whole vocabulary on each rank; with distributed.tp="
+            f"{config.distributed.tp} the logits are sharded over the vocabulary: use training.cross_entropy=logits"
+        )
     if training.param_dtype == "bf16" and training.precision != "bf16":
         raise ConfigError("training.param_dtype=bf16 needs training.precision=bf16")
 

@@ -136,10 +136,11 @@ def consolidate_and_compare(step_dir: Path, tmp_path: Path, activation: str, ste
     return run_dir, out
 
 
-def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int) -> tuple[float, float]:
+def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int, fused_chunk: int | None = None) -> tuple[float, float]:
     """One optimizer step the way the training loop does it; returns the global mean loss and the global
     gradient norm before clipping (a gradient scaled wrongly, e.g. divided by the accumulation steps once
-    too often, barely moves Adam's losses but shows in the norm)."""
+    too often, barely moves Adam's losses but shows in the norm). `fused_chunk`: the model computes the
+    loss itself, that many tokens at a time (`training.cross_entropy=fused`)."""
     rows = batch.shape[0] // engine.dp_world_size
     assert rows % micro_batches == 0 and rows >= micro_batches, "the fixed batch does not split this way"
     local = batch[engine.dp_rank * rows : (engine.dp_rank + 1) * rows]
@@ -148,12 +149,14 @@ def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int) -> tupl
     total = torch.zeros((), dtype=torch.float64)
     for index, micro in enumerate(local.chunk(micro_batches)):
         with engine.micro_batch_context(is_last_micro_batch=index == micro_batches - 1):
-            logits = engine.model(micro[:, :-1].to(engine.device))
-            token_losses = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]),
-                micro[:, 1:].reshape(-1).to(engine.device),
-                reduction="sum",
-            )
+            inputs, targets = micro[:, :-1].to(engine.device), micro[:, 1:].to(engine.device)
+            if fused_chunk is not None:
+                token_losses = engine.model(inputs, targets=targets, loss_chunk_tokens=fused_chunk)
+            else:
+                logits = engine.model(inputs)
+                token_losses = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+                )
             loss = token_losses / target_tokens * engine.dp_world_size
             engine.backward(loss)
         total += token_losses.detach().double().cpu() / target_tokens

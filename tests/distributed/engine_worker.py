@@ -27,7 +27,7 @@ DEVICE = torch.device("cpu")
 
 
 def run_losses(config, steps: int, micro_batches: int = 1, checkpoint_in=None, checkpoint_out=None,
-               save_after_step=None) -> dict:
+               save_after_step=None, fused_chunk=None) -> dict:
     """Losses of `steps` engine steps; optionally load a checkpoint first and save one after step
     `save_after_step` (default: the last), training on after it."""
     engine = build_engine(config, DEVICE)
@@ -40,7 +40,7 @@ def run_losses(config, steps: int, micro_batches: int = 1, checkpoint_in=None, c
     save_after_step = steps if save_after_step is None else save_after_step
     for step in range(1, steps + 1):
         started = time.perf_counter()
-        loss, norm = engine_step(engine, batch, micro_batches)
+        loss, norm = engine_step(engine, batch, micro_batches, fused_chunk)
         losses.append(loss)
         norms.append(norm)
         times.append(time.perf_counter() - started)
@@ -113,6 +113,9 @@ def scenario_engines(output: Path, shared: Path) -> dict:
     results["ddp_fp32_accumulate"] = run_losses(tiny_config(backend="ddp"), steps=3, micro_batches=2)
     results["fsdp_fp32_accumulate"] = run_losses(tiny_config(backend="fsdp"), steps=3, micro_batches=2)
     results["fsdp_cpu_offload"] = run_losses(tiny_config(backend="fsdp", fsdp_cpu_offload=True), steps=3)
+    # The fused cross-entropy (head and loss in chunks of 5 tokens) inside the wrapped model.
+    results["ddp_fused_cross_entropy"] = run_losses(tiny_config(backend="ddp"), steps=3, micro_batches=2, fused_chunk=5)
+    results["fsdp_fused_cross_entropy"] = run_losses(tiny_config(backend="fsdp"), steps=3, micro_batches=2, fused_chunk=5)
     results["fsdp_bf16"] = run_losses(
         config_with(tiny_config(backend="fsdp"), precision="bf16"), steps=3
     )
@@ -199,6 +202,10 @@ def scenario_deepspeed(output: Path, shared: Path) -> dict:
         )
     results["zero2_bf16"] = run_losses(
         config_with(tiny_config(backend="deepspeed", zero_stage=2), precision="bf16"), steps=3
+    )
+    # ZeRO-3 gathers the head's weight around the head's forward, which computes the fused loss.
+    results["zero3_fused_cross_entropy"] = run_losses(
+        tiny_config(backend="deepspeed", zero_stage=3), steps=3, fused_chunk=5
     )
     results["zero3_saved"] = run_losses(
         tiny_config(backend="deepspeed", zero_stage=3), steps=2, checkpoint_out=shared / "zero3_step2"

@@ -49,6 +49,10 @@ def test_zero_stage_fp32_with_accumulation_matches_single_process(results, refer
     assert_matches_reference(results[f"zero{stage}_fp32_accumulate"], reference, slice(0, 3), relative=1e-6)
 
 
+def test_zero3_fused_cross_entropy_matches_single_process(results, reference):
+    assert_matches_reference(results["zero3_fused_cross_entropy"], reference, slice(0, 3), relative=1e-6)
+
+
 def test_zero2_bf16_matches_single_process_within_bf16_tolerance(results, reference):
     assert_matches_reference(results["zero2_bf16"], reference, slice(0, 3), relative=2e-2, norm_relative=5e-2)
     assert results["zero2_bf16"]["losses"] != pytest.approx(reference.losses[:3], rel=1e-7)  # bf16 really was on

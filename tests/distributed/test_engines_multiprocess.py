@@ -63,7 +63,10 @@ def assert_losses_close(actual, expected, relative):
         assert abs(a - e) <= relative * abs(e), f"step {step}: {a} vs single-process {e} (rel {abs(a - e) / abs(e):.2e})"
 
 
-@pytest.mark.parametrize("case", ["ddp_fp32_accumulate", "fsdp_fp32_accumulate", "fsdp_cpu_offload"])
+@pytest.mark.parametrize(
+    "case",
+    ["ddp_fp32_accumulate", "fsdp_fp32_accumulate", "fsdp_cpu_offload", "ddp_fused_cross_entropy", "fsdp_fused_cross_entropy"],
+)
 def test_data_parallel_engine_fp32_with_accumulation_matches_single_process(results, reference, case):
     assert_matches_reference(results[case], reference["polynorm"], slice(0, 3), relative=1e-6)
 

@@ -88,3 +88,18 @@ def test_sequence_parallel_needs_a_sequence_length_divisible_by_tp():
     with pytest.raises(ConfigError) as error:
         check_parallel_config(config, world_size=2)
     assert "training.seq_len=15" in one_line(error)
+
+
+def test_fused_cross_entropy_with_tensor_parallel_is_rejected():
+    from polycom_lm.train.validation import validate_config
+
+    config = tiny_config(backend="fsdp", tp=2)
+    config.training.cross_entropy = "fused"
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, world_size=2)
+    assert "training.cross_entropy=fused" in one_line(error) and "training.cross_entropy=logits" in str(error.value)
+    config.training.cross_entropy, config.training.cross_entropy_chunk_tokens = "fused", 0
+    config.distributed.tp = 1
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, world_size=2)
+    assert "training.cross_entropy_chunk_tokens=0" in one_line(error)

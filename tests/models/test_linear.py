@@ -106,7 +106,8 @@ def test_linear_impl_is_checked_and_models_agree_across_impls():
     auto = build_model(config, torch.device("cpu"))
     torch.manual_seed(0)
     aten = build_model(dataclasses.replace(config, linear_impl="aten"), torch.device("cpu"))
-    assert all(type(m) is Linear for m in (auto.output, auto.layers[0].attention.q_proj, auto.layers[0].ffn.in_proj))
+    assert all(isinstance(m, Linear) for m in (auto.output, auto.layers[0].attention.q_proj, auto.layers[0].ffn.in_proj))
+    assert auto.output.impl == "auto" and aten.output.impl == "aten"
     assert auto.layers[0].ffn.out_proj.impl == "auto" and aten.layers[0].ffn.out_proj.impl == "aten"
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
     auto_logits, aten_logits = auto(ids), aten(ids)

@@ -61,9 +61,11 @@ class RecordingEngine(DDPEngine):
         super().optimizer_step()
 
 
-def _trainer(tmp_path, micro_batch_size, activation="swiglu", on_nonfinite="skip", saved=None, **model):
+def _trainer(tmp_path, micro_batch_size, activation="swiglu", on_nonfinite="skip", saved=None, cross_entropy="logits",
+             **model):
     raw = run_config({"train": "unused", "validation": "unused"}, tmp_path / "run", seq_len=SEQ_LEN,
-                     global_batch_size=BATCH, micro_batch_size=micro_batch_size, on_nonfinite=on_nonfinite)
+                     global_batch_size=BATCH, micro_batch_size=micro_batch_size, on_nonfinite=on_nonfinite,
+                     cross_entropy=cross_entropy, cross_entropy_chunk_tokens=5)
     raw["model"].update({"activation": activation, **model})
     raw["optimizer"]["grad_clip_norm"] = None
     config = load(raw)
@@ -83,8 +85,10 @@ def _trainer(tmp_path, micro_batch_size, activation="swiglu", on_nonfinite="skip
     return trainer, initial
 
 
-def test_accumulated_gradients_equal_the_global_token_mean_in_float64(tmp_path):
-    trainer, initial = _trainer(tmp_path, micro_batch_size=2)
+@pytest.mark.parametrize("cross_entropy,tie_embeddings", [("logits", False), ("fused", False), ("fused", True)])
+def test_accumulated_gradients_equal_the_global_token_mean_in_float64(tmp_path, cross_entropy, tie_embeddings):
+    # fused: the head and the loss in chunks of 5 tokens (micro-batches of 2 x 16 targets, some ignored).
+    trainer, initial = _trainer(tmp_path, micro_batch_size=2, cross_entropy=cross_entropy, tie_embeddings=tie_embeddings)
     result = trainer.train_step()
 
     reference = initial.double()
@@ -194,3 +198,29 @@ def test_moe_auxiliary_losses_are_logged_beside_the_cross_entropy(tmp_path):
 def _replay_logits(trainer, tokens):
     with torch.no_grad():
         return trainer.engine.unwrapped_model()(tokens[:, :-1]).flatten(0, 1)
+
+
+@pytest.mark.parametrize("family", ["dense_compiled", "moe"])
+def test_fused_cross_entropy_steps_match_the_logits_path(tmp_path, family):
+    """The trainer's fused path through torch.compile (blocks and the per-chunk loss step) and through the
+    MoE model (whose auxiliary losses ride along): two steps equal to the logits path's."""
+    from polycom_lm.models.lm_head import chunk_loss_and_logit_grad
+    from polycom_lm.train import build_trainer
+
+    def trainer(cross_entropy):
+        raw = run_config({"train": "unused", "validation": "unused"}, tmp_path / cross_entropy, seq_len=SEQ_LEN,
+                         global_batch_size=BATCH, micro_batch_size=4, compile=family == "dense_compiled",
+                         cross_entropy=cross_entropy, cross_entropy_chunk_tokens=24)
+        if family == "moe":
+            raw["model"].update({"family": "moe", "moe": {"num_experts": 4, "top_k": 2, "expert_hidden_size": 32}})
+        config = load(raw)
+        return build_trainer(config, FixedBatches(config.model.vocab_size), device=torch.device("cpu"))
+
+    logits, fused = trainer("logits"), trainer("fused")
+    head = fused.engine.unwrapped_model().output
+    assert (head._chunk_fn is not chunk_loss_and_logit_grad) == (family == "dense_compiled")
+    for _ in range(2):
+        expected, result = logits.train_step(), fused.train_step()
+        assert result.loss == pytest.approx(expected.loss, rel=1e-5)
+        assert result.grad_norm == pytest.approx(expected.grad_norm, rel=1e-4)
+        assert result.aux_losses == pytest.approx(expected.aux_losses, rel=1e-5)
