@@ -11,7 +11,8 @@ peak memory is per variant):
 - `machine`: device copy rate (GB/s, read + write of 1 GiB, best of 5) and bf16 matmul rate (8192³).
 - `kernels`: PolyNorm and PolyReLU forward + backward alone at the 1B FFN activation of one 8 × 2048 batch
   (16384 × 8256) and at the OLMoE expert shape (65536 × 1536), bf16 (and fp32 at the first shape): ours
-  (`activation_impl=auto`: the fused Function with Triton on CUDA), `torch.compile` of the plain formula,
+  (`activation_impl=auto`: the fused Function with Triton on CUDA; PolyNorm also with its one-pass kernels,
+  `triton_polycom.ONE_PASS_MAX_WIDTH`, off until this shows them faster), `torch.compile` of the formula,
   Liger-Kernel's `LigerPolyNormFunction` when `liger_kernel` imports, and the seed's version (eager
   autograd inside activation checkpointing). Effective TB/s counts the least traffic possible (read x and
   write y forward; read x and dy, write dx backward: 5 × rows × width elements) over the measured time.
@@ -31,6 +32,7 @@ bf16 matmul rate measured in the `machine` section. Needs neither datasets, wand
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -52,6 +54,7 @@ from polycom_lm.train.flops import lookup_peak  # noqa: E402
 
 ACTIVATIONS = ["relu", "gelu", "swiglu", "polyrelu", "polynorm"]
 SECTIONS = ["machine", "kernels", "loss", "dense", "moe"]
+ONE_PASS_LABEL = "ours (fused, one pass)"
 FUSED_LOSS_ACTIVATIONS = ("swiglu", "polynorm")  # also timed with training.cross_entropy=fused
 
 
@@ -140,6 +143,8 @@ def kernel_variants(name: str, device: torch.device) -> dict[str, Callable]:
     compiled = torch.compile(formula)
     variants = {"ours (fused)": ours, "torch.compile of the formula": compiled}
     if name == "polynorm":
+        if device.type == "cuda":  # the same Function with the one-pass Triton kernels (see one_pass_kernels)
+            variants[ONE_PASS_LABEL] = ours
         variants["seed (eager + checkpoint)"] = reference.polynorm_paper_checkpointed
         try:
             from liger_kernel.ops.poly_norm import LigerPolyNormFunction
@@ -159,6 +164,22 @@ def kernel_variants(name: str, device: torch.device) -> dict[str, Callable]:
     return variants
 
 
+@contextlib.contextmanager
+def one_pass_kernels(enabled: bool):
+    """PolyNorm's one-pass Triton kernels (whole row in registers) for every width while `enabled`."""
+    if not enabled:
+        yield
+        return
+    from polycom_lm.activations.kernels import triton_polycom
+
+    saved = triton_polycom.ONE_PASS_MAX_WIDTH
+    triton_polycom.ONE_PASS_MAX_WIDTH = 1 << 15
+    try:
+        yield
+    finally:
+        triton_polycom.ONE_PASS_MAX_WIDTH = saved
+
+
 def kernels(args, device: torch.device, copy_rate: Optional[float]) -> list[dict]:
     rows = []
     shapes = [(args.kernel_rows, args.kernel_width, torch.bfloat16), (args.kernel_rows, args.kernel_width, torch.float32),
@@ -175,7 +196,8 @@ def kernels(args, device: torch.device, copy_rate: Optional[float]) -> list[dict
             for label, function in variants.items():
                 def run() -> None:
                     x.grad = weight.grad = bias.grad = None
-                    function(x, weight, bias).backward(grad)
+                    with one_pass_kernels(label == ONE_PASS_LABEL):
+                        function(x, weight, bias).backward(grad)
 
                 try:
                     baseline = reset_peak_memory(device)

@@ -11,7 +11,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from polycom_lm.activations.kernels import closed_form, reference, triton_polycom  # noqa: E402
+from polycom_lm.activations.kernels import closed_form, reference, triton_polycom, triton_polynomial  # noqa: E402
 from polycom_lm.activations.kernels.fused import (  # noqa: E402
     polynomial_fused,
     polynorm_fused,
@@ -20,7 +20,7 @@ from polycom_lm.activations.kernels.fused import (  # noqa: E402
 
 # Small blocks so that rows span several column blocks (the loops over a row are exercised).
 triton_polycom.MAX_ROW_BLOCK = 16
-triton_polycom.ELEMENTWISE_BLOCK = 64
+triton_polynomial.ELEMENTWISE_BLOCK = 64
 
 
 def run(function, x, weight, bias, grad, *extra):
@@ -97,10 +97,34 @@ def check_tensor_parallel_variant(dtype, relu):
     torch.testing.assert_close(dbias, grad[:, local].float().sum().reshape(1), rtol=1e-4, atol=1e-4)
 
 
+def check_one_pass_kernels(dtype):
+    """The one-pass PolyNorm kernels (whole row in registers) against the two-pass ones and the reference,
+    at a width that is not a power of two; they must really have run (their launch is counted)."""
+    launches = []
+    original = triton_polycom._one_pass_launch
+
+    def counted(width):
+        launches.append(width)
+        return original(width)
+
+    triton_polycom._one_pass_launch = counted
+    try:
+        for order in (1, 3):
+            triton_polycom.ONE_PASS_MAX_WIDTH = 64
+            check_single_device(dtype, order)
+            triton_polycom.ONE_PASS_MAX_WIDTH = 0
+    finally:
+        triton_polycom._one_pass_launch = original
+        triton_polycom.ONE_PASS_MAX_WIDTH = 0
+    # polynorm and polyrelunorm, forward and backward, two orders
+    assert launches == [37] * 8, launches
+
+
 def main() -> int:
     for dtype in (torch.float32, torch.bfloat16):
         for order in (1, 3):
             check_single_device(dtype, order)
+        check_one_pass_kernels(dtype)
         for relu in (False, True):
             check_tensor_parallel_variant(dtype, relu)
     print("triton kernels match the reference")

@@ -1,21 +1,20 @@
-"""Triton kernels for PolyNorm and the (ReLU) polynomials, forward and backward.
+"""Triton kernels for PolyNorm (and PolyReLUNorm), forward and backward; with `triton_polynomial` (the
+elementwise polynomials, re-exported here) the `triton` backend of `fused.py`.
 
 The module offers the same functions as `closed_form` (the fused autograd Functions call either), so
 every kernel is tested against the same math; on CPU tests run it under `TRITON_INTERPRET=1`.
 
-PolyNorm runs one program per row, looping over the row in blocks of columns, fp32 inside:
+PolyNorm runs one program per row, fp32 inside. Two-pass kernels loop over the row in blocks of columns:
 - forward: pass 1 accumulates the r row sums Σ x^(2k), computes and stores the inverse norms; pass 2
   writes out = Σ_k c_k inv_k x^k + b (Horner). The tensor-parallel variant skips pass 1: the row sums
   come from `polynorm_row_sums` (pass 1 alone) and are all-reduced between the two launches.
-- backward: pass 1 accumulates the row dots Σ g x^k (stored: the coefficient gradients need them),
-  pass 2 writes dx. Under TP the dots come all-reduced from `polynorm_row_dots` and pass 1 is skipped.
-The polynomials are elementwise; their backward writes per-program partial sums for the coefficient and
-bias gradients (and PolyPReLU's slope gradient), summed afterwards. PolyReLUNorm (`RELU`) is PolyNorm of
-relu(x): the row loops apply relu on load and backward masks dx where x <= 0; PolyPReLU (`PRELU`) loads the
-slope and applies it to the negative inputs.
+- backward: pass 1 accumulates the row dots Σ g x^k and Σ g (stored: the coefficient and bias gradients
+  need them), pass 2 writes dx. Under TP the dots come all-reduced from `polynorm_row_dots`.
+One-pass kernels (single device, rows up to `ONE_PASS_MAX_WIDTH`) hold the whole row in registers and
+read x (and the gradient) once: the least traffic possible. PolyReLUNorm (`RELU`) is PolyNorm of
+relu(x): loads apply relu and backward masks dx where x <= 0.
 float64 inputs go to the PyTorch closed form (the kernels compute in fp32).
 """
-
 from __future__ import annotations
 
 import torch
@@ -23,54 +22,104 @@ import triton
 import triton.language as tl
 
 from polycom_lm.activations.kernels import closed_form
+from polycom_lm.activations.kernels.triton_polynomial import (  # noqa: F401  (the backend's elementwise half)
+    _bias,
+    _coefficients,
+    _order_pad,
+    _pick,
+    polynomial_backward,
+    polynomial_forward,
+    prelu_polynomial_backward,
+    prelu_polynomial_forward,
+)
 
 MAX_ROW_BLOCK = 1024
-ELEMENTWISE_BLOCK = 1024
+# Rows up to this width run the one-pass kernels: the whole row in registers, x (and the gradient) read
+# once instead of twice. 0 keeps every width on the two-pass kernels until the GPU benchmark
+# (scripts/bench_gpu.py, "ours (fused, one pass)") shows the one-pass kernels faster at the widths used.
+ONE_PASS_MAX_WIDTH = 0
 
 
 @triton.jit
-def _pick(vector, indices, k):
-    """vector[k] for a small register vector, as a scalar."""
-    return tl.sum(tl.where(indices == k, vector, 0.0), axis=0)
+def _power_sums(x, ranks, ORDER: tl.constexpr):
+    """[ORDER_PAD] vector of Σ x^(2k) over a block of x, k = 1..ORDER in slots 0..ORDER-1, fp32."""
+    sums = ranks.to(tl.float32) * 0.0
+    square = x * x
+    power = square
+    for k in tl.static_range(ORDER):
+        sums += tl.where(ranks == k, tl.sum(power, axis=0), 0.0)
+        power = power * square
+    return sums
+
+
+@triton.jit
+def _grad_dots(x, grad, ranks, ORDER: tl.constexpr):
+    """[ORDER_PAD] vector of Σ g x^k over a block, k = 1..ORDER in slots 0..ORDER-1, and Σ g (the bias
+    gradient's share) in slot ORDER; fp32."""
+    dots = tl.where(ranks == ORDER, tl.sum(grad, axis=0), 0.0)
+    product = grad * x
+    for k in tl.static_range(ORDER):
+        dots += tl.where(ranks == k, tl.sum(product, axis=0), 0.0)
+        product = product * x
+    return dots
+
+
+@triton.jit
+def _polynorm_values(x, gamma, ranks, bias, ORDER: tl.constexpr, BLOCK: tl.constexpr):
+    """Σ_k gamma_k x^k + bias for a block of x (Horner), gamma_k = c_k · inverse norm_k."""
+    accumulator = tl.zeros([BLOCK], dtype=tl.float32) + _pick(gamma, ranks, ORDER - 1)
+    for step in tl.static_range(ORDER - 1):
+        accumulator = _pick(gamma, ranks, ORDER - 2 - step) + x * accumulator
+    return x * accumulator + bias
+
+
+@triton.jit
+def _polynorm_input_grad(raw, grad, alpha, beta, ranks, ORDER: tl.constexpr, BLOCK: tl.constexpr, RELU: tl.constexpr):
+    """dx for a block: g Σ_k alpha_k x^(k-1) - x Σ_k beta_k x^(2k-2), with x = relu(raw) if RELU (and dx
+    zero where raw <= 0)."""
+    x = raw
+    if RELU:
+        x = tl.maximum(raw, 0.0)
+    square = x * x
+    alpha_sum = tl.zeros([BLOCK], dtype=tl.float32) + _pick(alpha, ranks, ORDER - 1)
+    beta_sum = tl.zeros([BLOCK], dtype=tl.float32) + _pick(beta, ranks, ORDER - 1)
+    for step in tl.static_range(ORDER - 1):
+        alpha_sum = _pick(alpha, ranks, ORDER - 2 - step) + x * alpha_sum
+        beta_sum = _pick(beta, ranks, ORDER - 2 - step) + square * beta_sum
+    input_grad = grad * alpha_sum - x * beta_sum
+    if RELU:
+        input_grad = tl.where(raw > 0, input_grad, 0.0)
+    return input_grad
+
+
+@triton.jit
+def _load_row_block(x_ptr, row, width, offsets, RELU: tl.constexpr):
+    x = tl.load(x_ptr + row * width + offsets, mask=offsets < width, other=0.0).to(tl.float32)
+    if RELU:
+        x = tl.maximum(x, 0.0)
+    return x
 
 
 @triton.jit
 def _row_power_sums(x_ptr, row, width, ranks, columns, ORDER: tl.constexpr, ORDER_PAD: tl.constexpr,
                     BLOCK: tl.constexpr, RELU: tl.constexpr):
-    """[ORDER_PAD] vector of Σ_j z_j^(2k) over one row, k = 1..ORDER (zero padding), fp32; z = relu(x) if
-    RELU else x."""
+    """`_power_sums` over one whole row, block by block; z = relu(x) if RELU else x."""
     sums = tl.zeros([ORDER_PAD], dtype=tl.float32)
     for start in range(0, width, BLOCK):
-        offsets = start + columns
-        x = tl.load(x_ptr + row * width + offsets, mask=offsets < width, other=0.0).to(tl.float32)
-        if RELU:
-            x = tl.maximum(x, 0.0)
-        square = x * x
-        power = square
-        for k in tl.static_range(ORDER):
-            sums += tl.where(ranks == k, tl.sum(power, axis=0), 0.0)
-            power = power * square
+        sums += _power_sums(_load_row_block(x_ptr, row, width, start + columns, RELU), ranks, ORDER)
     return sums
 
 
 @triton.jit
 def _row_dots(x_ptr, grad_ptr, row, width, ranks, columns, ORDER: tl.constexpr, ORDER_PAD: tl.constexpr,
               BLOCK: tl.constexpr, RELU: tl.constexpr):
-    """[ORDER_PAD] vector of Σ_j g_j z_j^k over one row, k = 1..ORDER, in slots 0..ORDER-1, and Σ_j g_j
-    (the row's share of the bias gradient) in slot ORDER; fp32."""
+    """`_grad_dots` over one whole row, block by block."""
     dots = tl.zeros([ORDER_PAD], dtype=tl.float32)
     for start in range(0, width, BLOCK):
         offsets = start + columns
-        mask = offsets < width
-        x = tl.load(x_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            x = tl.maximum(x, 0.0)
-        grad = tl.load(grad_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
-        dots += tl.where(ranks == ORDER, tl.sum(grad, axis=0), 0.0)
-        product = grad * x
-        for k in tl.static_range(ORDER):
-            dots += tl.where(ranks == k, tl.sum(product, axis=0), 0.0)
-            product = product * x
+        x = _load_row_block(x_ptr, row, width, offsets, RELU)
+        grad = tl.load(grad_ptr + row * width + offsets, mask=offsets < width, other=0.0).to(tl.float32)
+        dots += _grad_dots(x, grad, ranks, ORDER)
     return dots
 
 
@@ -104,15 +153,25 @@ def _polynorm_forward_kernel(
     bias = tl.load(bias_ptr)
     for start in range(0, width, BLOCK):
         offsets = start + columns
-        mask = offsets < width
-        x = tl.load(x_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            x = tl.maximum(x, 0.0)
-        accumulator = tl.zeros([BLOCK], dtype=tl.float32) + _pick(gamma, ranks, ORDER - 1)
-        for step in tl.static_range(ORDER - 1):
-            accumulator = _pick(gamma, ranks, ORDER - 2 - step) + x * accumulator
-        out = x * accumulator + bias
-        tl.store(out_ptr + row * width + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+        out = _polynorm_values(_load_row_block(x_ptr, row, width, offsets, RELU), gamma, ranks, bias, ORDER, BLOCK)
+        tl.store(out_ptr + row * width + offsets, out.to(out_ptr.dtype.element_ty), mask=offsets < width)
+
+
+@triton.jit
+def _polynorm_forward_one_pass_kernel(
+    x_ptr, coefficients_ptr, bias_ptr, inverse_norms_ptr, out_ptr, width, eps,
+    ORDER: tl.constexpr, ORDER_PAD: tl.constexpr, BLOCK: tl.constexpr, RELU: tl.constexpr,
+):
+    """The whole row in registers (BLOCK >= width): x is read once."""
+    row = tl.program_id(0).to(tl.int64)
+    ranks = tl.arange(0, ORDER_PAD)
+    columns = tl.arange(0, BLOCK)
+    x = _load_row_block(x_ptr, row, width, columns, RELU)
+    inverse_norms = tl.rsqrt(_power_sums(x, ranks, ORDER) / width + eps)
+    tl.store(inverse_norms_ptr + row * ORDER + ranks, inverse_norms, mask=ranks < ORDER)
+    gamma = tl.load(coefficients_ptr + ranks, mask=ranks < ORDER, other=0.0) * inverse_norms
+    out = _polynorm_values(x, gamma, ranks, tl.load(bias_ptr), ORDER, BLOCK)
+    tl.store(out_ptr + row * width + columns, out.to(out_ptr.dtype.element_ty), mask=columns < width)
 
 
 @triton.jit
@@ -150,79 +209,36 @@ def _polynorm_backward_kernel(
         offsets = start + columns
         mask = offsets < width
         raw = tl.load(x_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
-        x = raw
-        if RELU:
-            x = tl.maximum(raw, 0.0)
         grad = tl.load(grad_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
-        square = x * x
-        alpha_sum = tl.zeros([BLOCK], dtype=tl.float32) + _pick(alpha, ranks, ORDER - 1)
-        beta_sum = tl.zeros([BLOCK], dtype=tl.float32) + _pick(beta, ranks, ORDER - 1)
-        for step in tl.static_range(ORDER - 1):
-            alpha_sum = _pick(alpha, ranks, ORDER - 2 - step) + x * alpha_sum
-            beta_sum = _pick(beta, ranks, ORDER - 2 - step) + square * beta_sum
-        input_grad = grad * alpha_sum - x * beta_sum
-        if RELU:
-            input_grad = tl.where(raw > 0, input_grad, 0.0)
+        input_grad = _polynorm_input_grad(raw, grad, alpha, beta, ranks, ORDER, BLOCK, RELU)
         tl.store(input_grad_ptr + row * width + offsets, input_grad.to(input_grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _polynomial_forward_kernel(
-    x_ptr, coefficients_ptr, bias_ptr, slope_ptr, out_ptr, numel,
-    ORDER: tl.constexpr, ORDER_PAD: tl.constexpr, BLOCK: tl.constexpr, RELU: tl.constexpr, PRELU: tl.constexpr,
+def _polynorm_backward_one_pass_kernel(
+    x_ptr, grad_ptr, inverse_norms_ptr, coefficients_ptr, dots_ptr, input_grad_ptr, width,
+    ORDER: tl.constexpr, ORDER_PAD: tl.constexpr, BLOCK: tl.constexpr, RELU: tl.constexpr,
 ):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
+    """The whole row in registers (BLOCK >= width): x and the gradient are read once; the row's dots and
+    gradient sum are stored [rows, ORDER + 1] as in the two-pass kernel."""
+    row = tl.program_id(0).to(tl.int64)
     ranks = tl.arange(0, ORDER_PAD)
+    columns = tl.arange(0, BLOCK)
+    mask = columns < width
+    raw = tl.load(x_ptr + row * width + columns, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + row * width + columns, mask=mask, other=0.0).to(tl.float32)
+    x = raw
+    if RELU:
+        x = tl.maximum(raw, 0.0)
+    dots = _grad_dots(x, grad, ranks, ORDER)
+    tl.store(dots_ptr + row * (ORDER + 1) + ranks, dots, mask=ranks <= ORDER)
+    dots = tl.where(ranks < ORDER, dots, 0.0)
+    inverse_norms = tl.load(inverse_norms_ptr + row * ORDER + ranks, mask=ranks < ORDER, other=0.0)
     coefficients = tl.load(coefficients_ptr + ranks, mask=ranks < ORDER, other=0.0)
-    z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        z = tl.maximum(z, 0.0)
-    if PRELU:
-        z = tl.where(z > 0, z, tl.load(slope_ptr) * z)
-    accumulator = tl.zeros([BLOCK], dtype=tl.float32) + _pick(coefficients, ranks, ORDER - 1)
-    for step in tl.static_range(ORDER - 1):
-        accumulator = _pick(coefficients, ranks, ORDER - 2 - step) + z * accumulator
-    out = z * accumulator + tl.load(bias_ptr)
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _polynomial_backward_kernel(
-    x_ptr, grad_ptr, coefficients_ptr, slope_ptr, input_grad_ptr, partial_ptr, numel,
-    ORDER: tl.constexpr, ORDER_PAD: tl.constexpr, BLOCK: tl.constexpr, RELU: tl.constexpr, PRELU: tl.constexpr,
-):
-    program = tl.program_id(0).to(tl.int64)
-    offsets = program * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    ranks = tl.arange(0, ORDER_PAD)
-    coefficients = tl.load(coefficients_ptr + ranks, mask=ranks < ORDER, other=0.0)
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    z = x
-    if RELU:
-        z = tl.maximum(x, 0.0)
-    if PRELU:
-        slope = tl.load(slope_ptr)
-        z = tl.where(x > 0, x, slope * x)
-    derivative = tl.zeros([BLOCK], dtype=tl.float32) + ORDER * _pick(coefficients, ranks, ORDER - 1)
-    for step in tl.static_range(ORDER - 1):
-        derivative = (ORDER - 1 - step) * _pick(coefficients, ranks, ORDER - 2 - step) + z * derivative
-    input_grad = grad * derivative
-    # Partial sums for the coefficient gradients: Σ g z^k (k = 1..r) in slots 0..r-1, Σ g in slot r and,
-    # for PolyPReLU, the slope's Σ g p'(z) x over x <= 0 in slot r + 1.
-    partials = tl.where(ranks == ORDER, tl.sum(grad, axis=0), 0.0)
-    if RELU:
-        input_grad = tl.where(x > 0, input_grad, 0.0)
-    if PRELU:
-        partials += tl.where(ranks == ORDER + 1, tl.sum(tl.where(x > 0, 0.0, input_grad * x), axis=0), 0.0)
-        input_grad = tl.where(x > 0, input_grad, slope * input_grad)
-    tl.store(input_grad_ptr + offsets, input_grad.to(input_grad_ptr.dtype.element_ty), mask=mask)
-    product = grad
-    for k in tl.static_range(ORDER):
-        product = product * z
-        partials += tl.where(ranks == k, tl.sum(product, axis=0), 0.0)
-    tl.store(partial_ptr + program * (ORDER + 2) + ranks, partials, mask=ranks <= ORDER + 1)
+    alpha = (ranks + 1).to(tl.float32) * coefficients * inverse_norms
+    beta = alpha * inverse_norms * inverse_norms * dots / width
+    input_grad = _polynorm_input_grad(raw, grad, alpha, beta, ranks, ORDER, BLOCK, RELU)
+    tl.store(input_grad_ptr + row * width + columns, input_grad.to(input_grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -232,16 +248,14 @@ def _row_block(width: int) -> int:
     return min(triton.next_power_of_2(max(width, 1)), MAX_ROW_BLOCK)
 
 
-def _order_pad(order: int) -> int:
-    return triton.next_power_of_2(order + 2)  # two spare slots (the polynomial backward's bias and slope sums)
+def _one_pass(width: int) -> bool:
+    return 0 < width <= ONE_PASS_MAX_WIDTH
 
 
-def _coefficients(weight: torch.Tensor) -> torch.Tensor:
-    return closed_form.ascending_coefficients(weight, torch.float32).contiguous()
-
-
-def _bias(bias: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return bias.detach().to(device=device, dtype=torch.float32).reshape(1).contiguous()
+def _one_pass_launch(width: int) -> dict:
+    """BLOCK covering the row; 4 warps per 2,048 columns (16 elements per thread), 4 to 16 warps."""
+    block = triton.next_power_of_2(width)
+    return {"BLOCK": block, "num_warps": min(16, max(4, block // 512))}
 
 
 def polynorm_row_sums(x: torch.Tensor, order: int, relu: bool = False) -> torch.Tensor:
@@ -273,8 +287,16 @@ def polynorm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     """x [rows, w] contiguous → (out [rows, w], inverse norms [rows, r] fp32), one launch."""
     if x.dtype == torch.float64:
         return closed_form.polynorm_forward(x, weight, bias, eps, relu)
-    inverse_norms = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=torch.float32)
-    out = _launch_polynorm_forward(x, weight, bias, inverse_norms, x.shape[1], float(eps), False, relu)
+    rows, width = x.shape
+    order = weight.shape[0]
+    inverse_norms = torch.empty(rows, order, device=x.device, dtype=torch.float32)
+    if not (_one_pass(width) and rows):
+        return _launch_polynorm_forward(x, weight, bias, inverse_norms, width, float(eps), False, relu), inverse_norms
+    out = torch.empty_like(x)
+    _polynorm_forward_one_pass_kernel[(rows,)](
+        x, _coefficients(weight), _bias(bias, x.device), inverse_norms, out, width, float(eps),
+        ORDER=order, ORDER_PAD=_order_pad(order), RELU=relu, **_one_pass_launch(width),
+    )
     return out, inverse_norms
 
 
@@ -322,64 +344,16 @@ def polynorm_backward(x, grad, inverse_norms, weight, relu=False):
     ([rows, r + 1]), so the gradient is not read again."""
     if x.dtype == torch.float64:
         return closed_form.polynorm_backward(x, grad, inverse_norms, weight, relu)
+    rows, width = x.shape
     order = weight.shape[0]
-    dots = torch.empty(x.shape[0], order + 1, device=x.device, dtype=torch.float32)
-    input_grad = _launch_polynorm_backward(x, grad, inverse_norms, dots, weight, x.shape[1], False, relu)
+    dots = torch.empty(rows, order + 1, device=x.device, dtype=torch.float32)
+    if _one_pass(width) and rows:
+        input_grad = torch.empty_like(x)
+        _polynorm_backward_one_pass_kernel[(rows,)](
+            x, grad, inverse_norms.contiguous(), _coefficients(weight), dots, input_grad, width,
+            ORDER=order, ORDER_PAD=_order_pad(order), RELU=relu, **_one_pass_launch(width),
+        )
+    else:
+        input_grad = _launch_polynorm_backward(x, grad, inverse_norms, dots, weight, width, False, relu)
     weight_grad = (inverse_norms * dots[:, :order]).sum(0).flip(0)
     return input_grad, weight_grad, dots[:, order].sum().reshape(1)
-
-
-def _launch_polynomial_forward(x, weight, bias, slope, relu, prelu):
-    order = weight.shape[0]
-    out = torch.empty_like(x)
-    numel = x.numel()
-    if numel:
-        grid = (triton.cdiv(numel, ELEMENTWISE_BLOCK),)
-        _polynomial_forward_kernel[grid](
-            x, _coefficients(weight), _bias(bias, x.device), _bias(slope, x.device), out, numel,
-            ORDER=order, ORDER_PAD=_order_pad(order), BLOCK=ELEMENTWISE_BLOCK, RELU=relu, PRELU=prelu,
-        )
-    return out
-
-
-def _launch_polynomial_backward(x, grad, weight, slope, relu, prelu):
-    """(dx, per-program partial sums [programs, r + 2] summed: Σ g z^k, Σ g, slope sum)."""
-    order = weight.shape[0]
-    numel = x.numel()
-    programs = triton.cdiv(numel, ELEMENTWISE_BLOCK)
-    input_grad = torch.empty_like(x)
-    partials = torch.zeros(max(programs, 1), order + 2, device=x.device, dtype=torch.float32)
-    if numel:
-        _polynomial_backward_kernel[(programs,)](
-            x, grad, _coefficients(weight), _bias(slope, x.device), input_grad, partials, numel,
-            ORDER=order, ORDER_PAD=_order_pad(order), BLOCK=ELEMENTWISE_BLOCK, RELU=relu, PRELU=prelu,
-        )
-    return input_grad, partials.sum(0)
-
-
-def polynomial_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
-    if x.dtype == torch.float64:
-        return closed_form.polynomial_forward(x, weight, bias, relu)
-    return _launch_polynomial_forward(x, weight, bias, bias, relu, False)
-
-
-def polynomial_backward(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, relu: bool):
-    if x.dtype == torch.float64:
-        return closed_form.polynomial_backward(x, grad, weight, relu)
-    order = weight.shape[0]
-    input_grad, totals = _launch_polynomial_backward(x, grad, weight, weight[:1], relu, False)
-    return input_grad, totals[:order].flip(0), totals[order : order + 1]
-
-
-def prelu_polynomial_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slope: torch.Tensor):
-    if x.dtype == torch.float64:
-        return closed_form.prelu_polynomial_forward(x, weight, bias, slope)
-    return _launch_polynomial_forward(x, weight, bias, slope, False, True)
-
-
-def prelu_polynomial_backward(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, slope: torch.Tensor):
-    if x.dtype == torch.float64:
-        return closed_form.prelu_polynomial_backward(x, grad, weight, slope)
-    order = weight.shape[0]
-    input_grad, totals = _launch_polynomial_backward(x, grad, weight, slope, False, True)
-    return input_grad, totals[:order].flip(0), totals[order : order + 1], totals[order + 1 : order + 2]
