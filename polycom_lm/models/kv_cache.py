@@ -4,7 +4,7 @@ Training never builds one; a model called without a cache takes exactly its trai
 
 Rows of one cache may hold prefixes of different lengths (right-padded batches): `valid` marks which
 cached slots hold real tokens, and `next_position` is each row's next RoPE position, so a padded slot is
-never attended to and never shifts a row's positions. `select(rows)` copies rows (one prefix → the k
+never attended to and never shifts a row's positions (padding itself sits at position 0). `select(rows)` copies rows (one prefix → the k
 continuations that share it).
 """
 
@@ -68,6 +68,9 @@ class KVCache:
             lengths = lengths.to(device)
             new_valid = steps[None, :] < lengths[:, None]
             self.next_position = self.next_position + lengths
+            # Padding takes position 0: never attended to, and a row's real length plus the batch's
+            # padded width may pass model.max_seq_len.
+            positions = torch.where(new_valid, positions, 0)
         self.valid = torch.cat([self.valid, new_valid], dim=1)
         return positions, mask
 

@@ -65,6 +65,30 @@ def test_scores_equal_token_by_token_reference_for_shared_padded_and_truncated_i
                 assert result.is_greedy == greedy
 
 
+def test_a_shared_batch_whose_padded_width_passes_max_length_scores_exactly(model):
+    # One group: a 50-token question with two 2-token answers (suffix 1 token after the shared 50); the
+    # other: a 6-token question with two 30-token answers (suffix 29). Batched together, the first group's
+    # rows are padded to 29 suffix tokens after position 50: padding past max_length 64 must not matter.
+    generator = torch.Generator().manual_seed(1)
+
+    def tokens(count):
+        return torch.randint(1, 50, (count,), generator=generator).tolist()
+
+    long_question, short_question = tokens(50), tokens(6)
+    groups = [[(long_question, tokens(2)), (long_question, tokens(2))],
+              [(short_question, tokens(30)), (short_question, tokens(30))]]
+    scorer = Scorer(model, max_length=64, batch_size=4, share_context=True)
+    planned = [scorer._group([(2 * g + i, c, t) for i, (c, t) in enumerate(group)]) for g, group in enumerate(groups)]
+    assert [len(batch) for batch in scorer._batches(planned)] == [2]  # really one batch
+    assert max(group.prefix for group in planned) + max(group.length - group.prefix for group in planned) > 64
+    scored = scorer.score(groups)
+    with torch.no_grad():
+        for group, results in zip(groups, scored):
+            for (context, continuation), result in zip(group, results):
+                expected, _ = reference_loglikelihood(model, context, continuation)
+                assert result.loglikelihood == pytest.approx(expected, abs=1e-9)
+
+
 def test_a_continuation_the_model_predicts_greedily_is_marked_greedy(model):
     context = [5, 6, 7]
     with torch.no_grad():
