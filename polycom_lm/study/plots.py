@@ -158,22 +158,46 @@ def validation(groups: dict[str, list[RunRecord]], palette: dict, path: Path) ->
     return _save(figure, path)
 
 
+def _final_points(axis, groups: dict[str, list[RunRecord]], palette: dict, rows_of) -> None:
+    """One column per variant: mean ± std over seeds of each run's last value, and the seeds as dots."""
+    for position, (variant, runs) in enumerate(groups.items()):
+        values = [rows[-1]["value"] for rows in map(rows_of, runs) if rows and isinstance(rows[-1]["value"], (int, float))]
+        if not values:
+            continue
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        axis.errorbar([position], [float(np.mean(values))], yerr=[std], fmt="o", color=palette[variant], capsize=5,
+                      markersize=7, linewidth=1.5)
+        axis.scatter([position + 0.15] * len(values), values, color=palette[variant], s=10, alpha=0.6)
+    axis.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    axis.set_xlim(-0.5, len(groups) - 0.5)
+
+
 def downstream(groups: dict[str, list[RunRecord]], palette: dict, path: Path) -> Optional[Path]:
+    """Zero-shot metrics over training tokens, or, when every run was evaluated once (at its end), one
+    column per variant (mean ± std over seeds, the seeds as dots)."""
     names = sorted({f"{row['task']}/{row['metric']}" for runs in groups.values() for run in runs for row in run.downstream})
     if not names:
         return None
     figure, axes = _grid_figure(len(names))
     for axis, name in zip(axes, names):
         task, _, metric = name.partition("/")
-        for variant, runs in groups.items():
-            rows_of = lambda run, t=task, m=metric: [r for r in run.downstream if r["task"] == t and r["metric"] == m]  # noqa: E731
-            _mean_band(axis, runs, rows_of, "value", palette[variant], variant)
-        axis.set_title(f"{task} (mean ± std over seeds)")
-        axis.set_xlabel("training tokens")
+        rows_of = lambda run, t=task, m=metric: [r for r in run.downstream if r["task"] == t and r["metric"] == m]  # noqa: E731
+        token_counts = {row["tokens"] for runs in groups.values() for run in runs for row in rows_of(run)}
+        if len(token_counts) == 1:
+            _final_points(axis, groups, palette, rows_of)
+            axis.set_title(f"{task}, after {_tokens_text(next(iter(token_counts)))} tokens")
+            axis.set_xlabel("mean ± std over seeds (dots: seeds)")
+        else:
+            for variant, runs in groups.items():
+                _mean_band(axis, runs, rows_of, "value", palette[variant], variant)
+            axis.set_title(f"{task} (mean ± std over seeds)")
+            axis.set_xlabel("training tokens")
+            axis.xaxis.set_major_formatter(TOKENS)
+            axis.legend(fontsize=8)
+        if metric == "perplexity":
+            axis.set_yscale("log")
         axis.set_ylabel(metric)
-        axis.xaxis.set_major_formatter(TOKENS)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3, which="both")
     figure.tight_layout()
     return _save(figure, path)
 

@@ -29,8 +29,16 @@ class Summary:
         if self.n == 0:
             return "—"
         if self.n == 1 or math.isnan(self.std):
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+            return _number(self.mean, digits)
+        return f"{_number(self.mean, digits)} ± {_number(self.std, digits)}"
+
+
+def _number(value: float, digits: int, sign: str = "") -> str:
+    """`digits` decimals, or 4 significant digits in scientific notation from 1e5 on (perplexities of
+    untrained models reach 1e8: their decimals say nothing)."""
+    if math.isfinite(value) and abs(value) >= 1e5:
+        return f"{value:{sign}.3e}"
+    return f"{value:{sign}.{digits}f}"
 
 
 def _json_number(value: float) -> Optional[float]:
@@ -57,8 +65,8 @@ class Difference:
         if math.isnan(self.delta):
             return "—"
         if math.isnan(self.standard_error):
-            return f"{self.delta:+.{digits}f}"
-        return f"{self.delta:+.{digits}f} ± {self.standard_error:.{digits}f}"
+            return _number(self.delta, digits, "+")
+        return f"{_number(self.delta, digits, '+')} ± {_number(self.standard_error, digits)}"
 
 
 def difference(value: Summary, baseline: Summary) -> Difference:

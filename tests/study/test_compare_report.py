@@ -128,3 +128,13 @@ def test_run_folders_of_one_activation_that_differ_in_more_than_the_seed_are_not
     summary = write_report(runs, tmp_path / "report")
     assert sorted(summary["variants"]) == ["polynorm (activation_order=2)", "polynorm (activation_order=3)"]
     assert summary["variants"]["polynorm (activation_order=2)"]["train_loss"]["n"] == 2
+
+
+def test_large_values_are_written_in_scientific_notation():
+    from polycom_lm.study.statistics import Difference, Summary
+
+    assert Summary(3.12341, 0.01, 3).text() == "3.1234 ± 0.0100"
+    assert Summary(268607837.1, 39443586.3, 3).text() == "2.686e+08 ± 3.944e+07"
+    assert Difference(56241228.5, 27928052.4).text() == "+5.624e+07 ± 2.793e+07"
+    assert Difference(-0.03951, 0.0086).text() == "-0.0395 ± 0.0086"
+    assert Summary(10296.4, 115.2, 3).text(0) == "10296 ± 115"
