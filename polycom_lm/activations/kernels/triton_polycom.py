@@ -93,6 +93,16 @@ def _polynorm_input_grad(raw, grad, alpha, beta, ranks, ORDER: tl.constexpr, BLO
 
 
 @triton.jit
+def _input_grad_factors(inverse_norms_ptr, coefficients_ptr, row, ranks, dots, full_width, ORDER: tl.constexpr):
+    """(alpha, beta) of `_polynorm_input_grad` from one row's inverse norms and dots Σ g x^k (slots
+    0..ORDER-1, zero beyond): alpha_k = k c_k inv_k, beta_k = alpha_k inv_k² dot_k / full width."""
+    inverse_norms = tl.load(inverse_norms_ptr + row * ORDER + ranks, mask=ranks < ORDER, other=0.0)
+    coefficients = tl.load(coefficients_ptr + ranks, mask=ranks < ORDER, other=0.0)
+    alpha = (ranks + 1).to(tl.float32) * coefficients * inverse_norms
+    return alpha, alpha * inverse_norms * inverse_norms * dots / full_width
+
+
+@triton.jit
 def _load_row_block(x_ptr, row, width, offsets, RELU: tl.constexpr):
     x = tl.load(x_ptr + row * width + offsets, mask=offsets < width, other=0.0).to(tl.float32)
     if RELU:
@@ -201,10 +211,7 @@ def _polynorm_backward_kernel(
         dots = _row_dots(x_ptr, grad_ptr, row, width, ranks, columns, ORDER, ORDER_PAD, BLOCK, RELU)
         tl.store(dots_ptr + row * (ORDER + 1) + ranks, dots, mask=ranks <= ORDER)
         dots = tl.where(ranks < ORDER, dots, 0.0)
-    inverse_norms = tl.load(inverse_norms_ptr + row * ORDER + ranks, mask=ranks < ORDER, other=0.0)
-    coefficients = tl.load(coefficients_ptr + ranks, mask=ranks < ORDER, other=0.0)
-    alpha = (ranks + 1).to(tl.float32) * coefficients * inverse_norms
-    beta = alpha * inverse_norms * inverse_norms * dots / full_width
+    alpha, beta = _input_grad_factors(inverse_norms_ptr, coefficients_ptr, row, ranks, dots, full_width, ORDER)
     for start in range(0, width, BLOCK):
         offsets = start + columns
         mask = offsets < width
@@ -233,10 +240,7 @@ def _polynorm_backward_one_pass_kernel(
     dots = _grad_dots(x, grad, ranks, ORDER)
     tl.store(dots_ptr + row * (ORDER + 1) + ranks, dots, mask=ranks <= ORDER)
     dots = tl.where(ranks < ORDER, dots, 0.0)
-    inverse_norms = tl.load(inverse_norms_ptr + row * ORDER + ranks, mask=ranks < ORDER, other=0.0)
-    coefficients = tl.load(coefficients_ptr + ranks, mask=ranks < ORDER, other=0.0)
-    alpha = (ranks + 1).to(tl.float32) * coefficients * inverse_norms
-    beta = alpha * inverse_norms * inverse_norms * dots / width
+    alpha, beta = _input_grad_factors(inverse_norms_ptr, coefficients_ptr, row, ranks, dots, width, ORDER)
     input_grad = _polynorm_input_grad(raw, grad, alpha, beta, ranks, ORDER, BLOCK, RELU)
     tl.store(input_grad_ptr + row * width + columns, input_grad.to(input_grad_ptr.dtype.element_ty), mask=mask)
 
@@ -271,10 +275,17 @@ def polynorm_row_sums(x: torch.Tensor, order: int, relu: bool = False) -> torch.
 
 
 def _launch_polynorm_forward(x, weight, bias, inverse_norms, full_width, eps, has_inverse_norms, relu):
+    """One launch: the one-pass kernel for a whole single-device row up to ONE_PASS_MAX_WIDTH, else the
+    two-pass one (which also takes given, all-reduced inverse norms)."""
     rows, width = x.shape
     order = weight.shape[0]
     out = torch.empty_like(x)
-    if rows:
+    if rows and not has_inverse_norms and full_width == width and _one_pass(width):
+        _polynorm_forward_one_pass_kernel[(rows,)](
+            x, _coefficients(weight), _bias(bias, x.device), inverse_norms, out, width, eps,
+            ORDER=order, ORDER_PAD=_order_pad(order), RELU=relu, **_one_pass_launch(width),
+        )
+    elif rows:
         _polynorm_forward_kernel[(rows,)](
             x, _coefficients(weight), _bias(bias, x.device), inverse_norms, out, width, full_width, eps,
             ORDER=order, ORDER_PAD=_order_pad(order), BLOCK=_row_block(width), HAS_INVERSE_NORMS=has_inverse_norms,
@@ -287,16 +298,8 @@ def polynorm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     """x [rows, w] contiguous → (out [rows, w], inverse norms [rows, r] fp32), one launch."""
     if x.dtype == torch.float64:
         return closed_form.polynorm_forward(x, weight, bias, eps, relu)
-    rows, width = x.shape
-    order = weight.shape[0]
-    inverse_norms = torch.empty(rows, order, device=x.device, dtype=torch.float32)
-    if not (_one_pass(width) and rows):
-        return _launch_polynorm_forward(x, weight, bias, inverse_norms, width, float(eps), False, relu), inverse_norms
-    out = torch.empty_like(x)
-    _polynorm_forward_one_pass_kernel[(rows,)](
-        x, _coefficients(weight), _bias(bias, x.device), inverse_norms, out, width, float(eps),
-        ORDER=order, ORDER_PAD=_order_pad(order), RELU=relu, **_one_pass_launch(width),
-    )
+    inverse_norms = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=torch.float32)
+    out = _launch_polynorm_forward(x, weight, bias, inverse_norms, x.shape[1], float(eps), False, relu)
     return out, inverse_norms
 
 
@@ -320,10 +323,17 @@ def polynorm_row_dots(x: torch.Tensor, grad: torch.Tensor, order: int, relu: boo
 
 
 def _launch_polynorm_backward(x, grad, inverse_norms, dots, weight, full_width, has_dots, relu):
+    """One launch: the one-pass kernel for a whole single-device row up to ONE_PASS_MAX_WIDTH, else the
+    two-pass one (which also takes given, all-reduced dots)."""
     rows, width = x.shape
     order = weight.shape[0]
     input_grad = torch.empty_like(x)
-    if rows:
+    if rows and not has_dots and full_width == width and _one_pass(width):
+        _polynorm_backward_one_pass_kernel[(rows,)](
+            x, grad, inverse_norms.contiguous(), _coefficients(weight), dots, input_grad, width,
+            ORDER=order, ORDER_PAD=_order_pad(order), RELU=relu, **_one_pass_launch(width),
+        )
+    elif rows:
         _polynorm_backward_kernel[(rows,)](
             x, grad, inverse_norms.contiguous(), _coefficients(weight), dots, input_grad, width, full_width,
             ORDER=order, ORDER_PAD=_order_pad(order), BLOCK=_row_block(width), HAS_DOTS=has_dots, RELU=relu,
@@ -344,16 +354,8 @@ def polynorm_backward(x, grad, inverse_norms, weight, relu=False):
     ([rows, r + 1]), so the gradient is not read again."""
     if x.dtype == torch.float64:
         return closed_form.polynorm_backward(x, grad, inverse_norms, weight, relu)
-    rows, width = x.shape
     order = weight.shape[0]
-    dots = torch.empty(rows, order + 1, device=x.device, dtype=torch.float32)
-    if _one_pass(width) and rows:
-        input_grad = torch.empty_like(x)
-        _polynorm_backward_one_pass_kernel[(rows,)](
-            x, grad, inverse_norms.contiguous(), _coefficients(weight), dots, input_grad, width,
-            ORDER=order, ORDER_PAD=_order_pad(order), RELU=relu, **_one_pass_launch(width),
-        )
-    else:
-        input_grad = _launch_polynorm_backward(x, grad, inverse_norms, dots, weight, width, False, relu)
+    dots = torch.empty(x.shape[0], order + 1, device=x.device, dtype=torch.float32)
+    input_grad = _launch_polynorm_backward(x, grad, inverse_norms, dots, weight, x.shape[1], False, relu)
     weight_grad = (inverse_norms * dots[:, :order]).sum(0).flip(0)
     return input_grad, weight_grad, dots[:, order].sum().reshape(1)
