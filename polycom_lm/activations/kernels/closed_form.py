@@ -147,18 +147,42 @@ def polynorm_backward(
     return input_grad, weight_grad, bias_grad
 
 
-def polynomial_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
-    """Σ_k c_k z^k + b with z = relu(x) if `relu` else x; [rows, w] → [rows, w] in x's dtype."""
-    dtype = compute_dtype(x.dtype)
-    z = x.to(dtype)
-    if relu:
-        z = torch.relu(z)
-    coefficients = ascending_coefficients(weight, dtype)
+def _polynomial_of(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Σ_k c_k z^k + b (Horner) in z's dtype."""
+    coefficients = ascending_coefficients(weight, z.dtype)
     order = weight.shape[0]
     accumulator = coefficients[order - 1]
     for k in range(order - 1, 0, -1):
         accumulator = coefficients[k - 1] + z * accumulator
-    return (z * accumulator + bias.detach().to(dtype)).to(x.dtype)
+    return z * accumulator + bias.detach().to(z.dtype)
+
+
+def _polynomial_derivative(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_k k c_k z^(k-1) in z's dtype."""
+    coefficients = ascending_coefficients(weight, z.dtype)
+    order = weight.shape[0]
+    derivative = order * coefficients[order - 1]
+    for k in range(order - 1, 0, -1):
+        derivative = k * coefficients[k - 1] + z * derivative
+    return derivative
+
+
+def _coefficient_grads(grad: torch.Tensor, z: torch.Tensor, order: int) -> torch.Tensor:
+    """d/dc of Σ_k c_k z^k: [Σ g z^k for k = r..1], highest power first."""
+    product = grad
+    weight_grads = []
+    for _ in range(order):
+        product = product * z
+        weight_grads.append(product.sum())
+    return torch.stack(weight_grads).flip(0)
+
+
+def polynomial_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
+    """Σ_k c_k z^k + b with z = relu(x) if `relu` else x; [rows, w] → [rows, w] in x's dtype."""
+    z = x.to(compute_dtype(x.dtype))
+    if relu:
+        z = torch.relu(z)
+    return _polynomial_of(z, weight, bias).to(x.dtype)
 
 
 def polynomial_backward(
@@ -169,21 +193,10 @@ def polynomial_backward(
     xc = x.to(dtype)
     gc = grad.to(dtype)
     z = torch.relu(xc) if relu else xc
-    coefficients = ascending_coefficients(weight, dtype)
-    order = weight.shape[0]
-    derivative = order * coefficients[order - 1]
-    for k in range(order - 1, 0, -1):
-        derivative = k * coefficients[k - 1] + z * derivative
-    input_grad = gc * derivative
+    input_grad = gc * _polynomial_derivative(z, weight)
     if relu:
         input_grad = torch.where(xc > 0, input_grad, torch.zeros_like(input_grad))
-    product = gc
-    weight_grads = []
-    for _ in range(order):
-        product = product * z
-        weight_grads.append(product.sum())
-    weight_grad = torch.stack(weight_grads).flip(0)
-    return input_grad.to(x.dtype), weight_grad, gc.sum().reshape(1)
+    return input_grad.to(x.dtype), _coefficient_grads(gc, z, weight.shape[0]), gc.sum().reshape(1)
 
 
 def _prelu(xc: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
@@ -196,12 +209,7 @@ def prelu_polynomial_forward(
     """PolyPReLU: Σ_k c_k z^k + b with z = prelu(x) (negative slope `slope` [1]); [rows, w] → [rows, w]."""
     dtype = compute_dtype(x.dtype)
     z = _prelu(x.to(dtype), slope.detach().to(dtype))
-    coefficients = ascending_coefficients(weight, dtype)
-    order = weight.shape[0]
-    accumulator = coefficients[order - 1]
-    for k in range(order - 1, 0, -1):
-        accumulator = coefficients[k - 1] + z * accumulator
-    return (z * accumulator + bias.detach().to(dtype)).to(x.dtype)
+    return _polynomial_of(z, weight, bias).to(x.dtype)
 
 
 def prelu_polynomial_backward(
@@ -215,18 +223,8 @@ def prelu_polynomial_backward(
     a = slope.detach().to(dtype)
     positive = xc > 0
     z = torch.where(positive, xc, a * xc)
-    coefficients = ascending_coefficients(weight, dtype)
-    order = weight.shape[0]
-    derivative = order * coefficients[order - 1]
-    for k in range(order - 1, 0, -1):
-        derivative = k * coefficients[k - 1] + z * derivative
-    grad_z = gc * derivative  # dL/dz
+    grad_z = gc * _polynomial_derivative(z, weight)  # dL/dz
     input_grad = torch.where(positive, grad_z, a * grad_z)
     slope_grad = torch.where(positive, torch.zeros_like(grad_z), grad_z * xc).sum().reshape(1)
-    product = gc
-    weight_grads = []
-    for _ in range(order):
-        product = product * z
-        weight_grads.append(product.sum())
-    weight_grad = torch.stack(weight_grads).flip(0)
+    weight_grad = _coefficient_grads(gc, z, weight.shape[0])
     return input_grad.to(x.dtype), weight_grad, gc.sum().reshape(1), slope_grad
