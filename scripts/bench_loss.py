@@ -26,24 +26,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from polycom_lm.activations.saved_memory import saved_tensor_bytes  # noqa: E402
 from polycom_lm.models.lm_head import chunk_loss_and_logit_grad, linear_cross_entropy  # noqa: E402
 from polycom_lm.train.loop import token_loss_sum  # noqa: E402
-
-
-def saved_bytes(run) -> int:
-    """Bytes of distinct tensors saved for backward while `run()` builds its graph, parameters and leaf
-    inputs excluded (they exist anyway)."""
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        if not (tensor.is_leaf and tensor.requires_grad) and tensor.untyped_storage().nbytes():
-            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = run()
-    loss.backward()
-    return sum(seen.values())
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -98,10 +83,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
     losses, grads, kept, peaks = {}, {}, {}, {}
     for label, run in variants.items():
-        step(run)  # warm-up (and compilation)
-        x.grad = weight.grad = None
-        kept[label] = saved_bytes(run)
+        step(run)  # warm-up (and compilation); leaves this variant's gradients
         grads[label] = (x.grad.clone(), weight.grad.clone())
+        kept[label] = saved_tensor_bytes(run, exclude=(x, weight))
         with torch.no_grad():
             losses[label] = run().item()
         if device.type == "cuda":

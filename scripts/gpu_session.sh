@@ -100,9 +100,11 @@ import json
 import sys
 from pathlib import Path
 
+from polycom_lm.train.callbacks.metrics_file import read_metrics
+
 runs, summary = Path(sys.argv[1]), {}
 for run in sorted(p for p in runs.iterdir() if (p / "metrics.jsonl").is_file()):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run / "metrics.jsonl")
     train = [row for row in rows if row.get("kind") == "train"]
     evals = [row for row in rows if row.get("kind") == "eval"]
     if train:

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from polycom_lm.train.callbacks.metrics_file import read_metrics
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 EVAL_DATA = REPOSITORY.parent / "shared" / "data" / "eval"
 
 
 def _train_losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {row["step"]: row["loss"] for row in rows if row["kind"] == "train"}
+    return {row["step"]: row["loss"] for row in read_metrics(run / "metrics.jsonl") if row["kind"] == "train"}
 
 
 @pytest.mark.slow
