@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from trainer_test_helpers import REPO, cli_environment, run_cli, run_config, train_rows, write_config
+from trainer_test_helpers import latest_is, run_cli, run_config, train_in_background, train_rows, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +30,8 @@ def test_sigkilled_run_resumes_bitwise_identical(prepared_data, tmp_path, dropou
     interrupted = _config(prepared_data, tmp_path, "interrupted", dropout)
     run_cli("train", str(reference), "--no-progress")
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "polycom_lm.cli", "train", str(interrupted), "--no-progress"],
-        cwd=REPO, env=cli_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    pointer = tmp_path / "interrupted" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if pointer.is_file() and pointer.read_text().strip() == "step_4":
-            break
-        time.sleep(0.005)
-    assert process.poll() is None, "the run ended before it could be killed mid-way"
+    process = train_in_background(interrupted, latest_is(tmp_path / "interrupted", "step_4"),
+                                  "the run ended before it could be killed mid-way")
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = train_rows(tmp_path / "interrupted" / "metrics.jsonl")[-1]["step"]

@@ -7,12 +7,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from polycom_lm.checkpoint.folders import CRASH_ENVIRONMENT
-from trainer_test_helpers import REPO, cli_environment, run_cli, run_config, train_rows, write_config
+from trainer_test_helpers import REPO, cli_environment, run_cli, run_config, train_in_background, train_rows, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -98,13 +97,9 @@ def test_a_kill_during_the_first_latest_write_resumes_from_the_complete_checkpoi
 def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_holder_is_taken_over(prepared_data, tmp_path):
     config = _config(prepared_data, tmp_path, max_steps=400, save_every_steps=0, log_every_steps=1)
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "polycom_lm.cli", "train", str(config), "--no-progress"],
-                             cwd=REPO, env=cli_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = train_in_background(config, (run / "metrics.jsonl").is_file,
+                                "the first run ended before the second one started", poll_s=0.05)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
-            time.sleep(0.05)
-        assert first.poll() is None, "the first run ended before the second one started"
         second = run_cli("train", str(config), "--no-progress", check=False)
         assert second.returncode == 2
         error = second.stderr.strip().splitlines()[-1]

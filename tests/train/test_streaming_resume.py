@@ -10,13 +10,10 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from trainer_test_helpers import REPO, cli_environment, run_cli, train_rows, write_config
+from trainer_test_helpers import REPO, latest_is, run_cli, train_in_background, train_rows, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -70,17 +67,8 @@ def test_sigkilled_streaming_run_resumes_in_place_and_equals_the_offline_run(cor
     streamed = _config(corpus_and_tokenizer, tmp_path, "streamed", streaming=True)
     run_cli("train", str(offline), "--no-progress")
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "polycom_lm.cli", "train", str(streamed), "--no-progress"],
-        cwd=REPO, env=cli_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    pointer = tmp_path / "streamed" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if pointer.is_file() and pointer.read_text().strip() == "step_4":
-            break
-        time.sleep(0.005)
-    assert process.poll() is None, "the run ended before it could be killed mid-way"
+    process = train_in_background(streamed, latest_is(tmp_path / "streamed", "step_4"),
+                                  "the run ended before it could be killed mid-way")
     helpers = psutil.Process(process.pid).children(recursive=True)  # the stream's reader and tokeniser
     assert len(helpers) >= 2
     os.kill(process.pid, signal.SIGKILL)

@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -74,6 +76,27 @@ def run_cli(*arguments: str, check: bool = True, **kwargs) -> subprocess.Complet
     if check and process.returncode != 0:
         raise AssertionError(f"polycom-lm {' '.join(arguments)} failed ({process.returncode}):\n{process.stderr[-3000:]}")
     return process
+
+
+def train_in_background(config_path: Path, ready: Callable[[], bool], failure: str, poll_s: float = 0.005,
+                        timeout_s: float = 240) -> subprocess.Popen:
+    """Start `polycom-lm train CONFIG --no-progress` in a subprocess and return it, still running, once
+    `ready()` holds (or after `timeout_s`); `failure` is the assertion message if it ended first."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "polycom_lm.cli", "train", str(config_path), "--no-progress"],
+        cwd=REPO, env=cli_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None and not ready():
+        time.sleep(poll_s)
+    assert process.poll() is None, failure
+    return process
+
+
+def latest_is(run: Path, step_folder: str) -> Callable[[], bool]:
+    """Whether `run`'s checkpoints/latest names `step_folder` (e.g. "step_4")."""
+    pointer = run / "checkpoints" / "latest"
+    return lambda: pointer.is_file() and pointer.read_text().strip() == step_folder
 
 
 def train_rows(metrics_path: Path) -> list[dict]:
