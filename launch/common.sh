@@ -30,3 +30,51 @@ usage_if_no_config() {
         exit 2
     fi
 }
+
+# Cluster life, shared by the torchrun launchers:
+# - MAX_RESTARTS (default 3): torchrun restarts the whole group this many times when a worker dies (a lost
+#   node, an OOM kill); the new workers resume from `latest` by themselves.
+# - the stop signals reach the workers: torchrun forwards SIGTERM and also SIGUSR1/SIGUSR2 (SLURM's
+#   `--signal=B:USR1@seconds`), then waits SHUTDOWN_TIMEOUT seconds (default 300) for the checkpoint the
+#   workers write before it kills them (torch >= the release whose torchrun has --signals-to-handle).
+# - POLYCOM_LM_START_TIME: the launch's start, from which `training.time_limit` counts, the same for
+#   workers torchrun restarts.
+export POLYCOM_LM_START_TIME="${POLYCOM_LM_START_TIME:-$(date +%s)}"
+torchrun_lifecycle_arguments() {
+    TORCHRUN_LIFECYCLE=(--max-restarts="${MAX_RESTARTS:-3}")
+    local run_py
+    # Where torchrun's source is, read from the package metadata (no `import torch`: that takes seconds).
+    run_py=$("$PYTHON" -c "import importlib.metadata as m; print(m.distribution('torch').locate_file('torch/distributed/run.py'))" 2>/dev/null || true)
+    if [ -n "$run_py" ] && grep -q -- '--signals-to-handle' "$run_py" 2>/dev/null; then
+        TORCHRUN_LIFECYCLE+=(--signals-to-handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2")
+        TORCHRUN_LIFECYCLE+=(--shutdown-timeout="${SHUTDOWN_TIMEOUT:-300}")
+    fi
+}
+
+# Run a command in the background and forward USR1 / USR2 / TERM to it; when one arrived, requeue the SLURM
+# job once the command has stopped (REQUEUE=0 turns that off). Exits with the command's status.
+run_until_signalled() {
+    printf '+' >&2
+    printf ' %q' "$@" >&2
+    printf '\n' >&2
+    local stop_signal="" status=0 name
+    "$@" &
+    local child=$!
+    for name in USR1 USR2 TERM; do
+        # shellcheck disable=SC2064  (the signal's name is fixed now, on purpose)
+        trap "stop_signal=$name; echo \"$(basename "$0"): received SIG$name: asking the workers to save and stop\" >&2; kill -s $name $child 2>/dev/null || true" "$name"
+    done
+    while true; do
+        status=0
+        wait "$child" || status=$?
+        kill -0 "$child" 2>/dev/null || break  # `wait` also returns when a trapped signal arrives
+    done
+    trap - USR1 USR2 TERM
+    if [ -n "$stop_signal" ] && [ "${REQUEUE:-1}" != "0" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+        local job="${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
+        job="${job:-$SLURM_JOB_ID}"
+        echo "$(basename "$0"): stopped by SIG$stop_signal (exit status $status); requeueing job $job" >&2
+        scontrol requeue "$job"
+    fi
+    return "$status"
+}

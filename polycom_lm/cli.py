@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PolycomError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        # A rank stopped by another rank's failure stays quiet: that rank printed the run's one line.
+        if not getattr(error, "printed_elsewhere", False):
+            print(f"error: {error}", file=sys.stderr)
+        return error.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

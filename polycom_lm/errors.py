@@ -9,6 +9,8 @@ with status 2; tracebacks are for bugs, not for users.
 class PolycomError(Exception):
     """Base class of errors caused by user input."""
 
+    exit_status = 2  # what `polycom-lm` exits with after printing the message
+
 
 class ConfigError(PolycomError, ValueError):
     """A config file, key, value or override is invalid."""

@@ -10,6 +10,7 @@ builtins and DCP's metadata classes (`safe_load.py`).
 from __future__ import annotations
 
 import pickle
+from concurrent.futures import Future
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,14 @@ def save_dcp(directory: Path, state: dict[str, Any], *, distributed: bool) -> No
         # Single process: DCP warns that it "assumes the intent is to save in a single process". It is.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(directory), no_dist=not distributed)
+
+
+def save_dcp_async(directory: Path, state: dict[str, Any], *, distributed: bool, group: Any) -> Future:
+    """Stage `state` into CPU memory (every tensor copied before this returns), then write it into
+    `directory` in a background thread whose collectives run on `group`; returns the write's future."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return dcp.async_save(state, checkpoint_id=str(directory), process_group=group, no_dist=not distributed)
 
 
 def load_dcp(directory: Path, state: dict[str, Any], *, distributed: bool) -> None:

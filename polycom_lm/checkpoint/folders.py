@@ -28,11 +28,12 @@ import logging
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Callable, Optional
 
 from polycom_lm.errors import CheckpointError
+from polycom_lm import faults
+from polycom_lm.faults import CRASH_ENVIRONMENT  # noqa: F401  (where the tests import it from)
 
 logger = logging.getLogger(__name__)
 
@@ -150,20 +151,8 @@ def write_text_atomically(path: Path, text: str, crash_point: Optional[str] = No
         handle.flush()
         os.fsync(handle.fileno())
     if crash_point:
-        _crash_point(crash_point)
+        faults.crash_point(crash_point)
     os.replace(temporary, path)
-
-
-CRASH_ENVIRONMENT = "POLYCOM_LM_CRASH_AT"
-
-
-def _crash_point(name: str) -> None:
-    """Kill this process with SIGKILL here when `POLYCOM_LM_CRASH_AT` names this point (`NAME` or
-    `NAME:STEP`): how the tests put a real kill at an exact moment of a checkpoint save."""
-    wanted = os.environ.get(CRASH_ENVIRONMENT)
-    point, _, step = name.partition("@")
-    if wanted and wanted in (point, f"{point}:{step}"):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_checkpoint(
@@ -180,7 +169,13 @@ def write_checkpoint(
     Every rank calls this; `write_contents(folder)` writes this rank's part (engine shards, RNG states; the
     trainer state on rank 0) into the temporary folder, and rank 0 finishes (rename, pointer, retention).
     """
-    final = step_directory(checkpoints_dir, step)
+    temporary = begin_checkpoint(checkpoints_dir, step, rank=rank, barrier=barrier)
+    write_contents(temporary)
+    return finish_checkpoint(checkpoints_dir, step, rank=rank, barrier=barrier, keep_last=keep_last)
+
+
+def begin_checkpoint(checkpoints_dir: Path, step: int, *, rank: int, barrier: Callable[[], None]) -> Path:
+    """Every rank: the empty temporary folder of checkpoint `step` (rank 0 creates it), ready to write into."""
     temporary = checkpoints_dir / f"{_TEMPORARY}{step}"
     if rank == 0:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -188,11 +183,19 @@ def write_checkpoint(
             shutil.rmtree(temporary)  # left over from a crash while writing this same step
         temporary.mkdir(parents=True)
     barrier()
-    write_contents(temporary)
+    return temporary
+
+
+def finish_checkpoint(checkpoints_dir: Path, step: int, *, rank: int, barrier: Callable[[], None], keep_last: int) -> Path:
+    """Every rank, once its part is written: rank 0 marks the folder complete, renames it into place, moves
+    `latest` and applies retention; returns the final path. (`barrier` may be a checkpoint thread's own
+    group: nothing here touches the training's collectives.)"""
+    final = step_directory(checkpoints_dir, step)
+    temporary = checkpoints_dir / f"{_TEMPORARY}{step}"
     barrier()
     if rank == 0:
         write_text_atomically(temporary / COMPLETE_MARKER, f"{step}\n")
-        _crash_point(f"complete@{step}")
+        faults.crash_point(f"complete@{step}")
         if final.exists():
             # Re-saving a step (e.g. after resuming from it): move the old one aside first, then drop it.
             # A crash between the two renames is repaired by `recover_interrupted_writes`.
@@ -200,7 +203,7 @@ def write_checkpoint(
             if stale.exists():
                 shutil.rmtree(stale)
             os.replace(final, stale)
-            _crash_point(f"between-renames@{step}")
+            faults.crash_point(f"between-renames@{step}")
             os.replace(temporary, final)
             shutil.rmtree(stale)
         else:

@@ -76,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
         config, resume=args.resume, overwrite=args.overwrite, extra_callbacks=extra,
         trust_checkpoint=args.trust_checkpoint,
     )
+    if rank == 0 and result.stopped is not None:
+        print(f"stopped after step {result.final_step} ({result.stopped.describe()}): checkpoint "
+              f"{result.checkpoints_dir / f'step_{result.final_step}'} is complete; run the same command to continue")
+    if result.stopped is not None:
+        return result.stopped.exit_status
     if rank == 0:
         last = result.last_train_row or {}
         print(f"finished step {result.final_step}", end="")

@@ -213,6 +213,16 @@ class TrainingConfig:
     # torch.profiler trace (Chrome JSON under <output_dir>/profile/) of steps [start, start + num_steps).
     profile_start_step: Optional[int] = None
     profile_num_steps: int = 3
+    # Cluster life (train/stop.py). Any of these signals, on any rank, makes every rank finish its step,
+    # write one checkpoint and exit with status 128 + the signal's number (SLURM sends SIGTERM before a
+    # kill, and USR1 with `--signal=B:USR1@seconds`; launch/ forwards both).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Wall-clock budget of one launch, e.g. "3h50m", "90m", "45s": the run stops and saves before it, counting
+    # the longest step and the longest save measured so far; exits 0 and continues when started again.
+    time_limit: Optional[str] = None
+    # Write checkpoints in the background: the state is staged to CPU memory at the step, training goes on
+    # while it is written, at most one save in flight; `latest` moves only once the write is complete.
+    async_checkpoint: bool = False
 
 
 @dataclass
@@ -226,6 +236,13 @@ class DistributedConfig:
     fsdp_replicate: int = 1  # HSDP: replicate degree (shard degree = dp / replicate)
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON whose keys override the generated ones
     timeout_minutes: int = 30
+    # How long a collective may wait before the run ends with one line naming the ranks that did not
+    # arrive (distributed/watchdog.py); overrides timeout_minutes when set (seconds, e.g. for tests).
+    timeout_seconds: Optional[float] = None
+
+    @property
+    def timeout_s(self) -> float:
+        return float(self.timeout_seconds) if self.timeout_seconds is not None else 60.0 * self.timeout_minutes
 
 
 @dataclass

@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import multiprocessing.util
 import os
+import signal
 import queue as queue_module
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -161,8 +162,11 @@ class StreamingDataset:
                 return self._queue.get(timeout=1.0)
             except queue_module.Empty:
                 if not self._process.is_alive():
-                    raise RuntimeError(f"the streaming data process exited (code {self._process.exitcode}) "
-                                       f"without a batch") from None
+                    code = self._process.exitcode
+                    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
+                    raise DataError(f"the streaming data process of data-parallel rank {self._layout[0]} died ({how}) "
+                                    f"without a batch; training stopped: run the same command to resume from the last "
+                                    f"checkpoint") from None
 
     def global_batch(self, consumed_samples: int, global_batch_size: int, dp_rank: int,
                      dp_world_size: int) -> dict[str, torch.Tensor]:
@@ -182,8 +186,10 @@ class StreamingDataset:
         message = self._receive()
         if message[0] == "error":
             raise DataError(message[1])
-        if message[0] == "crash":
-            raise RuntimeError(f"the streaming data process failed:\n{message[1]}")
+        if message[0] == "crash":  # a bug: its traceback, logged, and one line for the user
+            logger.error("the streaming data process failed:\n%s", message[1])
+            raise DataError(f"the streaming data process of data-parallel rank {dp_rank} failed "
+                            f"({message[1].strip().splitlines()[-1]}); its traceback is in the log above")
         _, tokens, documents, state = message
         self._state = {**state, "samples": consumed_samples + global_batch_size}
         batch = {"input_ids": torch.from_numpy(tokens)}

@@ -239,6 +239,10 @@ def run(plan: StreamPlan, queue, stop, parent: int) -> None:
                 break
     except PolycomError as error:
         _put(queue, ("error", str(error)), stop, parent)
+    except concurrent.futures.process.BrokenProcessPool:
+        _put(queue, ("error", f"a tokeniser process of the streaming data of rank {plan.rank} died (killed, or out "
+                              f"of memory); training stopped: run the same command to resume from the last checkpoint"),
+             stop, parent)
     except BaseException:
         _put(queue, ("crash", traceback.format_exc()), stop, parent)
     finally:

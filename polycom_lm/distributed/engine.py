@@ -27,6 +27,7 @@ Contract every engine keeps:
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, ContextManager, Optional
 
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from polycom_lm.checkpoint.dcp import load_dcp, save_dcp
+from polycom_lm.checkpoint.dcp import load_dcp, save_dcp, save_dcp_async
 from polycom_lm.config import Config
 from polycom_lm.distributed.gradients import clip_gradients_, global_gradient_norm
 from polycom_lm.distributed.mesh import ParallelMesh
@@ -124,10 +125,24 @@ class Engine:
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.mesh.dp_group)
         return reduced
 
+    def all_reduce_max_world(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The maximum of a small tensor over every rank of the job (for decisions all ranks take together)."""
+        if not self.mesh.distributed:
+            return tensor
+        reduced = tensor.detach().clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return reduced
+
     # -- checkpoints
     def save_checkpoint(self, directory: Path) -> None:
         state = canonical_state(self.unwrapped_model(), self.optimizer)
         save_dcp(directory, state, distributed=self.mesh.distributed)
+
+    def save_checkpoint_async(self, directory: Path, group: Optional[dist.ProcessGroup]) -> Future:
+        """Stage the state as `save_checkpoint` would, return once it is copied, and write it in the
+        background (collectives on `group`); the future completes when the shards are written."""
+        state = canonical_state(self.unwrapped_model(), self.optimizer)
+        return save_dcp_async(directory, state, distributed=self.mesh.distributed, group=group)
 
     def load_checkpoint(self, directory: Path, trust_checkpoint: bool = False) -> None:
         """Restore model and optimizer state. Nothing but tensors and known checkpoint classes is unpickled;

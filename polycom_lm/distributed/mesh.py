@@ -49,13 +49,33 @@ def current_world() -> tuple[int, int]:
     return 1, 0
 
 
-def init_process_group(device: torch.device, timeout_minutes: int, always: bool = False) -> bool:
+# NCCL's own watchdog, set the way torchtitan does (a user's setting wins): a timed-out or failed
+# collective tears the process down instead of hanging, the flight recorder keeps the last collectives of
+# every rank and dumps them on a timeout, and async collectives do not hold memory through record_stream.
+NCCL_ENVIRONMENT = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # tear down, skipping the (possibly hanging) clean-up
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+}
+
+
+def backstop_timeout_s(timeout_s: float) -> float:
+    """The process group's own timeout: later than the watchdog's (`distributed/watchdog.py`), which names
+    the ranks that did not arrive, so that the backend's timeout is only the backstop."""
+    return timeout_s + max(10.0, 0.25 * timeout_s)
+
+
+def init_process_group(device: torch.device, timeout_s: float, always: bool = False) -> bool:
     """Create the default process group: from torchrun's environment when WORLD_SIZE > 1, or (with
     `always`) a private one-process group. Returns True when this call created it (and so destroys it)."""
     if dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = timedelta(minutes=timeout_minutes)
+    timeout = timedelta(seconds=backstop_timeout_s(timeout_s))
+    if backend == "nccl":
+        for key, value in NCCL_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)

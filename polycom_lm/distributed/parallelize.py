@@ -59,7 +59,7 @@ def build_engine(config: Config, device: torch.device) -> Engine:
     world_size = launched_world_size()
     check_parallel_config(config, world_size)
     cls = engine_class(config)
-    owns_group = init_process_group(device, config.distributed.timeout_minutes, always=cls.needs_process_group)
+    owns_group = init_process_group(device, config.distributed.timeout_s, always=cls.needs_process_group)
     distributed = config.distributed
     dp = world_size // distributed.tp
     dims = ParallelDims(world_size, distributed.tp, distributed.ep, cls.replicate_degree(config, dp))

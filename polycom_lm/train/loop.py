@@ -25,11 +25,14 @@ import torch.nn.functional as F
 
 from polycom_lm.config import Config
 from polycom_lm.distributed.engine import Engine
-from polycom_lm.errors import PolycomError
+from polycom_lm.distributed.watchdog import PeerStopped, Progress, Watchdog
+from polycom_lm.errors import PolycomError, first_line
+from polycom_lm.faults import step_fault
 from polycom_lm.models.lm_head import IGNORE_INDEX
 from polycom_lm.train.metrics import model_metrics
 from polycom_lm.train.trainer_state import TrainerState
 from polycom_lm.train.optim import Schedule, schedule_progress, set_learning_rate
+from polycom_lm.train.stop import StopReason, StopRequests
 from polycom_lm.train.validation import BatchLayout
 
 logger = logging.getLogger(__name__)
@@ -118,6 +121,12 @@ class Trainer:
         self._save_checkpoint = save_checkpoint
         self.last_saved_step: Optional[int] = None
         self.last_result: Optional[StepResult] = None
+        # Cluster life: what this rank is doing (read by the watchdog thread), the stop signals and time
+        # budget, and why training stopped early (None: it ran to max_steps).
+        self.progress = Progress()
+        self.watchdog: Optional[Watchdog] = None
+        self.stop_requests: Optional[StopRequests] = None
+        self.stopped: Optional[StopReason] = None
         device_type = engine.device.type
         # With `training.compile`, the loss is one compiled region too: the float32 upcast, log-softmax,
         # gather and (in backward) softmax minus one-hot become one pass over the logits instead of
@@ -130,9 +139,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
+        """Train to `max_steps`, or until every rank agrees to stop early (`self.stopped` says why). A step
+        that raises on this rank is reported to the other ranks first, so that they stop instead of waiting
+        for the timeout; a collective that failed because another rank failed becomes `PeerStopped`."""
+        try:
+            self._fit()
+        except BaseException as error:
+            if self.watchdog is None or isinstance(error, (KeyboardInterrupt, PeerStopped)):
+                raise
+            peer = self.watchdog.peer_abort()
+            if peer is not None and not isinstance(error, PolycomError):
+                raise PeerStopped(f"stopped because {peer}") from None
+            self.watchdog.report_failure(f"{type(error).__name__}: {first_line(error)}")
+            raise
+
+    def _fit(self) -> None:
         training = self.config.training
         for callback in self.callbacks:
             callback.on_train_start(self)
+        if self.stop_requests is not None:
+            self.stop_requests.start()
         window: list[StepResult] = []
         window_start = time.perf_counter()
         consecutive_skips = 0
@@ -156,8 +182,17 @@ class Trainer:
                 window_start = time.perf_counter()
             if not result.finite:
                 self._handle_nonfinite(result, consecutive_skips, stopping)
+            self.progress.enter("evaluation, logging and checkpoints")
             for callback in self.callbacks:
                 callback.on_step_end(self)
+            if self.stop_requests is not None and not self.is_last_step():
+                self.progress.enter("stop decision")
+                self.stopped = self.stop_requests.decide(self.state.step, self.engine.all_reduce_max_world, self.engine.device)
+                if self.stopped is not None:
+                    logger.warning("stopping after step %d (%s): saving a checkpoint", self.state.step, self.stopped.describe())
+                    self.stop_requests.saving = True
+                    self.save_checkpoint()
+                    return
         for callback in self.callbacks:
             callback.on_train_end(self)
 
@@ -165,7 +200,11 @@ class Trainer:
         """Save model, optimizer and trainer state at the current step (all ranks call this)."""
         if self.last_saved_step == self.state.step:
             return
+        self.progress.enter("checkpoint")
+        start = time.perf_counter()
         self._save_checkpoint(self)
+        if self.stop_requests is not None:
+            self.stop_requests.record_save(time.perf_counter() - start)
         self.last_saved_step = self.state.step
 
     def is_last_step(self) -> bool:
@@ -181,10 +220,12 @@ class Trainer:
         progress = schedule_progress(self.config.schedule, step_number, layout.tokens_per_step)
         lr = self.config.optimizer.lr * self.schedule.multiplier(progress)
         set_learning_rate(engine.optimizer, lr)
+        self.progress.enter("data", step_number)
         start = time.perf_counter()
         batch = self.dataset.global_batch(
             state.consumed_samples, layout.global_batch_size, engine.dp_rank, layout.dp_world_size
         )
+        step_fault(engine.mesh.rank, step_number)  # tests' stalls, kills and failures (polycom_lm/faults.py)
         data_wait = time.perf_counter() - start
         tokens = batch["input_ids"].to(engine.device, non_blocking=True)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -194,6 +235,7 @@ class Trainer:
 
         # Normalise by the global number of target tokens, not by an average of micro-batch means.
         local_count = (targets != IGNORE_INDEX).sum().to(torch.float64)
+        self.progress.enter("token count all-reduce")
         global_count = engine.all_reduce_sum(local_count).clamp(min=1.0)
         scale = layout.dp_world_size / global_count
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -207,6 +249,7 @@ class Trainer:
                 kwargs = {} if document_ids is None else {"document_ids": document_ids[rows]}
                 if self._fused_loss:  # the model returns the summed loss; no logits are kept
                     kwargs.update(targets=targets[rows], loss_chunk_tokens=self.config.training.cross_entropy_chunk_tokens)
+                self.progress.enter("forward")
                 with self.autocast():
                     out = model(inputs[rows], **kwargs)
                 if self._fused_loss:
@@ -223,11 +266,14 @@ class Trainer:
                     loss = loss + aux_vector.sum() / layout.accumulation_steps
                     detached = aux_vector.detach().to(torch.float64) / layout.accumulation_steps
                     aux_sum = detached if aux_sum is None else aux_sum + detached
+                self.progress.enter("backward")
                 engine.backward(loss)
             loss_sum += token_losses.detach().to(torch.float64)
             del out, loss
 
+        self.progress.enter("gradient norm")
         grad_norm = engine.clip_grad_norm(self.config.optimizer.grad_clip_norm)
+        self.progress.enter("loss all-reduce")
         # One collective and one host sync per step: loss sum and (averaged) auxiliary losses.
         reduced_parts = [loss_sum.reshape(1)]
         if aux_sum is not None:
@@ -237,6 +283,7 @@ class Trainer:
         loss_value = numbers[0] / float(global_count.item())
         grad_norm_value = numbers[-1]
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+        self.progress.enter("optimizer step")
         if finite:
             engine.optimizer_step()
         engine.zero_grad()

@@ -73,6 +73,10 @@ OPERATIONAL_KEYS = (
     "data.preprocess_workers",
     "data.stream_workers",  # the stream's order does not depend on it
     "distributed.timeout_minutes",
+    "distributed.timeout_seconds",
+    "training.stop_signals",
+    "training.time_limit",
+    "training.async_checkpoint",  # the same state, written in the background
 )
 
 

@@ -16,10 +16,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from polycom_lm.checkpoint.folders import write_checkpoint
+from polycom_lm.checkpoint.async_save import AsyncCheckpointer, checkpoint_group, group_barrier
+from polycom_lm.checkpoint.folders import begin_checkpoint, finish_checkpoint, write_checkpoint
 from polycom_lm.config import Config
 from polycom_lm.distributed.engine import Engine
 from polycom_lm.distributed.parallelize import build_engine, parallelize
+from polycom_lm.distributed.watchdog import Watchdog
 from polycom_lm.errors import ConfigError
 from polycom_lm.train import trainer_state
 from polycom_lm.train.callbacks import (
@@ -36,6 +38,7 @@ from polycom_lm.train.data_position import load_data_position, save_data_positio
 from polycom_lm.train.flops import peak_flops, training_flops_per_token
 from polycom_lm.train.loop import Callback, Trainer
 from polycom_lm.train.optim import build_optimizer, build_schedule
+from polycom_lm.train.stop import StopReason, StopRequests
 from polycom_lm.train.output import CHECKPOINTS_DIR, METRICS_FILE, RunLock, plan_output, prepare_output
 from polycom_lm.train.validation import validate_config
 
@@ -50,6 +53,7 @@ class RunResult:
     final_step: int
     last_train_row: Optional[dict[str, Any]] = None
     final_evaluation: list[dict[str, Any]] = field(default_factory=list)
+    stopped: Optional[StopReason] = None  # why training stopped before max_steps (a checkpoint was saved)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,10 +155,13 @@ def run_training(
     resume_state = trainer_state.read_trainer_state(plan.resume_from) if plan.resume_from else None
     device = resolve_device(config.training.device)
 
+    stop_requests = StopRequests(config.training.stop_signals, config.training.time_limit)
     engine = build_engine(config, device)
     callbacks: list[Callback] = []
     dataset = None
+    watchdog: Optional[Watchdog] = None
     lock = RunLock(plan.output_dir)
+    async_checkpointer = AsyncCheckpointer(stop_requests.record_save) if config.training.async_checkpoint else None
     try:
         rank = _global_rank()
         is_main = rank == 0
@@ -214,18 +221,27 @@ def run_training(
             # restored streams before the first step.
             callbacks.append(_RestoreRNG(rng, state, rank, world_size, config.training.seed))
 
+        save_group = checkpoint_group() if async_checkpointer is not None else None
+
         def save(trainer: Trainer) -> None:
             trainer.state.world_size = world_size
+            step, keep_last = trainer.state.step, config.training.keep_last_checkpoints
+            if async_checkpointer is not None:
+                async_checkpointer.wait()  # at most one save in flight
+                folder = begin_checkpoint(checkpoints_dir, step, rank=rank, barrier=_barrier)
+                trainer_state.write_trainer_files(folder, trainer.state, rank)
+                save_data_position(folder, dataset, rank)
+                upload = engine.save_checkpoint_async(folder, save_group)
+                async_checkpointer.submit(step, upload, lambda: finish_checkpoint(
+                    checkpoints_dir, step, rank=rank, barrier=group_barrier(save_group), keep_last=keep_last))
+                return
 
             def write_contents(folder: Path) -> None:
                 engine.save_checkpoint(folder)
                 trainer_state.write_trainer_files(folder, trainer.state, rank)
                 save_data_position(folder, dataset, rank)  # a stream's position (PackedDataset has none)
 
-            write_checkpoint(
-                checkpoints_dir, trainer.state.step, write_contents, rank=rank, barrier=_barrier,
-                keep_last=config.training.keep_last_checkpoints,
-            )
+            write_checkpoint(checkpoints_dir, step, write_contents, rank=rank, barrier=_barrier, keep_last=keep_last)
 
         flops_per_token = training_flops_per_token(config.model, config.training.seq_len)
         peak = peak_flops(device, config.training.precision)
@@ -241,6 +257,10 @@ def run_training(
         )
         if resume_state is not None:
             trainer.last_saved_step = state.step  # do not re-save the checkpoint we started from
+        trainer.stop_requests = stop_requests
+        if world_size > 1:
+            watchdog = trainer.watchdog = Watchdog(trainer.progress, config.distributed.timeout_s, rank, world_size).start()
+        stop_requests.install()
         logger.info(
             "training %s (%s) for %d steps: %d sequences x %d tokens per step, %d micro-batches of %d per rank "
             "on %d rank(s), %s",
@@ -248,9 +268,16 @@ def run_training(
             layout.seq_len, layout.accumulation_steps, layout.micro_batch_size, world_size, device,
         )
         trainer.fit()
+        if async_checkpointer is not None:
+            async_checkpointer.wait()  # the last checkpoint is complete before the run says it is done
         return RunResult(output_dir, output_dir / METRICS_FILE, checkpoints_dir, state.step,
-                         recorder.train_row, recorder.evaluation)
+                         recorder.train_row, recorder.evaluation, trainer.stopped)
     finally:
+        stop_requests.uninstall()
+        if async_checkpointer is not None:
+            async_checkpointer.close()
+        if watchdog is not None:
+            watchdog.close()
         for callback in callbacks:
             try:
                 callback.close()

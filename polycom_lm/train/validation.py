@@ -15,6 +15,7 @@ from polycom_lm.config import Config
 from polycom_lm.distributed.parallelize import check_parallel_config
 from polycom_lm.errors import ConfigError
 from polycom_lm.models import MODEL_FAMILIES
+from polycom_lm.train.stop import parse_duration, signal_numbers
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,15 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
         )
     if training.param_dtype == "bf16" and training.precision != "bf16":
         raise ConfigError("training.param_dtype=bf16 needs training.precision=bf16")
+    signal_numbers(training.stop_signals)
+    if training.time_limit is not None:
+        parse_duration(training.time_limit, "training.time_limit")
+    if config.distributed.timeout_seconds is not None:
+        _positive(config.distributed.timeout_seconds, "distributed.timeout_seconds", hint=" (null: timeout_minutes)")
+    _positive(config.distributed.timeout_minutes, "distributed.timeout_minutes")
+    if training.async_checkpoint and config.distributed.backend == "deepspeed":
+        raise ConfigError("training.async_checkpoint=true is not available with distributed.backend=deepspeed "
+                          "(DeepSpeed writes its own format synchronously); set it to false or use fsdp / ddp")
 
     if config.evaluation.micro_batch_size is not None:
         _positive(config.evaluation.micro_batch_size, "evaluation.micro_batch_size")

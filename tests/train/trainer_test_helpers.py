@@ -79,18 +79,34 @@ def run_cli(*arguments: str, check: bool = True, **kwargs) -> subprocess.Complet
 
 
 def train_in_background(config_path: Path, ready: Callable[[], bool], failure: str, poll_s: float = 0.005,
-                        timeout_s: float = 240) -> subprocess.Popen:
+                        timeout_s: float = 240, log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     """Start `polycom-lm train CONFIG --no-progress` in a subprocess and return it, still running, once
-    `ready()` holds (or after `timeout_s`); `failure` is the assertion message if it ended first."""
+    `ready()` holds (or after `timeout_s`); `failure` is the assertion message if it ended first. `log`:
+    a file for its stdout and stderr (else discarded); `env`: extra environment variables."""
+    output = open(log, "w", encoding="utf-8") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen(
         [sys.executable, "-m", "polycom_lm.cli", "train", str(config_path), "--no-progress"],
-        cwd=REPO, env=cli_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, env={**cli_environment(), **(env or {})}, stdout=output, stderr=subprocess.STDOUT if log else output,
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None and not ready():
         time.sleep(poll_s)
     assert process.poll() is None, failure
     return process
+
+
+def logged_step(run: Path, step: int) -> Callable[[], bool]:
+    """Whether `run`'s metrics.jsonl holds the training row of `step` (or a later one)."""
+    metrics = run / "metrics.jsonl"
+
+    def ready() -> bool:
+        try:
+            text = metrics.read_text(encoding="utf-8")
+        except OSError:
+            return False
+        return any(f'"step": {later},' in text for later in range(step, step + 50))
+
+    return ready
 
 
 def latest_is(run: Path, step_folder: str) -> Callable[[], bool]:

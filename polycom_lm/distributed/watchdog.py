@@ -1,0 +1,197 @@
+"""A hang ends in one line: every rank's progress in the job's key-value store, read when a rank waits too long.
+
+The trainer marks each phase of a step on its `Progress` (an attribute write, no I/O). A `Watchdog`
+thread per rank publishes that progress to the c10d store of the default process group every
+`interval_s` (a tenth of `distributed.timeout_*`, between 0.2 and 10 s) and watches two things:
+
+- Its own rank has been in one phase for longer than the timeout. It reads every rank's progress and
+  names the ranks that are behind (an earlier step or phase), or that stopped publishing (a frozen or
+  dead process): "rank 1 did not arrive: rank 1 has been in 'data' of step 3 for 21 s (...)". The
+  first rank to decide claims the store's abort key with that line and prints it (`error: ...` on
+  stderr, as the CLI does); every rank then exits with `EXIT_HANG`. When every rank is in the same phase
+  (a collective inside the forward pass, as DDP's and FSDP's, waits for a rank still computing there),
+  the line says so: the phases cannot tell them apart. A phase that long would hit the backend's own
+  timeout as well, so it ends the run either way.
+- Another rank claimed the abort key (a hang, or a failure: `report_failure`, called by the trainer when
+  a step raises on this rank). This rank then exits with `EXIT_PEER_FAILED`, printing nothing: the rank
+  that failed speaks for the run. Only a rank blocked in a collective gets here; one whose collective
+  failed first stops through the trainer (`PeerStopped`, which the CLI does not print).
+
+The backend's own timeout is set later than this one (`mesh.backstop_timeout_s`), so a gloo timeout's
+traceback or NCCL's watchdog abort (`mesh.NCCL_ENVIRONMENT`) is only the backstop. Exiting from the thread
+is `os._exit`: the main thread is inside a collective that cannot be interrupted. Nothing is lost by it:
+checkpoints are written atomically (`checkpoint/folders.py`) and the run lock is released by the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.distributed as dist
+
+from polycom_lm.errors import PolycomError
+
+logger = logging.getLogger(__name__)
+
+EXIT_HANG = 3  # a collective waited longer than distributed.timeout_*
+EXIT_PEER_FAILED = 4  # another rank failed or hung; it printed why
+
+ABORT_KEY = "abort"
+# Phases in which a rank only waits for the others: all ranks there together past the timeout is a hang.
+COLLECTIVE_PHASES = frozenset({"token count all-reduce", "loss all-reduce", "gradient norm", "stop decision",
+                               "checkpoint barrier"})
+
+
+class PeerStopped(PolycomError):
+    """This rank stopped because another rank failed or hung. That rank printed the reason (one line per
+    run), so the CLI prints nothing for this one; the message is for callers in Python."""
+
+    exit_status = EXIT_PEER_FAILED
+    printed_elsewhere = True
+
+
+@dataclass
+class Progress:
+    """What this rank is doing: step, phase and a sequence number that grows with every phase of the run
+    (so that ranks compare by how far they got, whatever the phases are called)."""
+
+    step: int = 0
+    phase: str = "start-up"
+    sequence: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+    def enter(self, phase: str, step: Optional[int] = None) -> None:
+        if step is not None:
+            self.step = step
+        self.phase = phase
+        self.sequence += 1
+        self.since = time.monotonic()
+
+    def snapshot(self) -> dict:
+        return {"step": self.step, "phase": self.phase, "sequence": self.sequence,
+                "age_s": round(time.monotonic() - self.since, 3), "wall": time.time()}
+
+
+def describe(snapshot: dict) -> str:
+    return f"'{snapshot['phase']}' of step {snapshot['step']}"
+
+
+def diagnose(mine: dict, others: dict[int, Optional[dict]], timeout_s: float, stale_s: float) -> str:
+    """The one line for a rank that has been in its phase (`mine`) past the timeout. `others`: every rank's
+    last published snapshot (None when it never published), this one's included."""
+    now = time.time()
+    silent = sorted(r for r, s in others.items() if s is None or now - s["wall"] > stale_s)
+    live = {r: s for r, s in others.items() if r not in silent}
+    position = lambda s: (s["step"], s["sequence"])  # noqa: E731
+    furthest = max(live.values(), key=position, default=mine)
+    behind = sorted(r for r, s in live.items() if position(s) < position(furthest))
+    missing = sorted(set(silent) | set(behind))
+    if not missing:
+        where = ("a communication hang: check the network" if mine["phase"] in COLLECTIVE_PHASES
+                 else f"no rank is behind the others, so a collective inside '{mine['phase']}' waits")
+        return (f"every rank has been in {describe(mine)} for more than distributed.timeout ({timeout_s:g} s): "
+                f"{where}; raise distributed.timeout_minutes if this phase is legitimately that long")
+    parts = []
+    for r in missing:
+        snapshot = others.get(r)
+        if snapshot is None:
+            parts.append(f"rank {r} never reached the training loop")
+        elif r in silent:
+            parts.append(f"rank {r} stopped responding {now - snapshot['wall']:.0f} s ago, in {describe(snapshot)}")
+        else:
+            parts.append(f"rank {r} has been in {describe(snapshot)} for {snapshot['age_s'] + now - snapshot['wall']:.0f} s")
+    waiting = sorted(r for r in others if r not in missing)
+    plural = "s" if len(missing) > 1 else ""
+    return (f"rank{plural} {_ranges(missing)} did not arrive within distributed.timeout ({timeout_s:g} s): "
+            f"{'; '.join(parts)}; rank{'s' if len(waiting) != 1 else ''} {_ranges(waiting)} waited in {describe(furthest)}")
+
+
+def _ranges(ranks: list[int]) -> str:
+    if len(ranks) > 8:
+        return f"{ranks[0]}..{ranks[-1]} ({len(ranks)} ranks)"
+    return ", ".join(str(r) for r in ranks) or "none"
+
+
+class Watchdog:
+    """See the module docstring. `start()` after the process group exists; `close()` when training ends."""
+
+    def __init__(self, progress: Progress, timeout_s: float, rank: int, world_size: int,
+                 store: Optional[dist.Store] = None):
+        self.progress = progress
+        self.timeout_s = timeout_s
+        self.rank = rank
+        self.world_size = world_size
+        self.interval_s = min(max(timeout_s / 10.0, 0.2), 10.0)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        base = store if store is not None else dist.distributed_c10d._get_default_store()
+        # Keys of one launch attempt: a torchrun restart must not read the abort of the attempt before.
+        self.store = dist.PrefixStore(f"polycom_lm/watchdog/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{restart}/", base)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="polycom-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._publish()
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * self.interval_s + 1)
+
+    # -- what the trainer calls
+    def report_failure(self, message: str) -> None:
+        """This rank failed: tell the others (they stop instead of waiting for the timeout)."""
+        line = f"rank {self.rank} failed in {describe(self.progress.snapshot())}: {message}"
+        try:
+            self.store.compare_set(ABORT_KEY, "", json.dumps({"rank": self.rank, "line": line}))
+        except Exception:  # noqa: BLE001  the store may be gone with the job; the failure itself is what matters
+            logger.debug("could not publish the failure to the other ranks", exc_info=True)
+
+    def peer_abort(self) -> Optional[str]:
+        """The line another rank left in the abort key, or None."""
+        try:
+            if not self.store.check([ABORT_KEY]):
+                return None
+            claimed = json.loads(self.store.get(ABORT_KEY))
+        except Exception:  # noqa: BLE001
+            return None
+        return claimed["line"] if claimed.get("rank") != self.rank else None
+
+    # -- the thread
+    def _publish(self) -> None:
+        self.store.set(f"rank/{self.rank}", json.dumps(self.progress.snapshot()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._publish()
+                if self.peer_abort() is not None:
+                    os._exit(EXIT_PEER_FAILED)
+                if time.monotonic() - self.progress.since > self.timeout_s:
+                    self._check_hang()
+            except Exception:  # noqa: BLE001  a store that went away: the job is ending anyway
+                if self._stop.is_set():
+                    return
+                logger.debug("watchdog: store not reachable", exc_info=True)
+
+    def _check_hang(self) -> None:
+        mine = self.progress.snapshot()
+        others: dict[int, Optional[dict]] = {}
+        for r in range(self.world_size):
+            key = f"rank/{r}"
+            others[r] = json.loads(self.store.get(key)) if self.store.check([key]) else None
+        others[self.rank] = mine
+        line = diagnose(mine, others, self.timeout_s, stale_s=3 * self.interval_s + 2.0)
+        claim = json.dumps({"rank": self.rank, "line": line})
+        if self.store.compare_set(ABORT_KEY, "", claim).decode() == claim:
+            os.write(2, f"error: {line}\n".encode())
+            logger.error("%s", line)
+            os._exit(EXIT_HANG)
+        os._exit(EXIT_PEER_FAILED)
