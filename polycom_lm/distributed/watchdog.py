@@ -53,7 +53,15 @@ class PeerStopped(PolycomError):
     run), so the CLI prints nothing for this one; the message is for callers in Python."""
 
     exit_status = EXIT_PEER_FAILED
-    printed_elsewhere = True
+
+    def __init__(self, message: str, printed_elsewhere: bool = True):
+        super().__init__(message)
+        self.printed_elsewhere = printed_elsewhere
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because a peer went away (gloo's and NCCL's errors)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error).lower())
 
 
 @dataclass

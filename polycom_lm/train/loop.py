@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from polycom_lm.config import Config
 from polycom_lm.distributed.engine import Engine
-from polycom_lm.distributed.watchdog import PeerStopped, Progress, Watchdog
+from polycom_lm.distributed.watchdog import PeerStopped, Progress, Watchdog, is_collective_failure
 from polycom_lm.errors import PolycomError, first_line
 from polycom_lm.faults import step_fault
 from polycom_lm.models.lm_head import IGNORE_INDEX
@@ -151,6 +151,11 @@ class Trainer:
             if peer is not None and not isinstance(error, PolycomError):
                 raise PeerStopped(f"stopped because {peer}") from None
             self.watchdog.report_failure(f"{type(error).__name__}: {first_line(error)}")
+            if is_collective_failure(error):  # a peer vanished (killed, its node lost): no traceback for that
+                raise PeerStopped(
+                    f"rank {self.engine.mesh.rank}: a collective in '{self.progress.phase}' of step {self.progress.step} "
+                    f"failed ({first_line(error)}): another rank stopped; torchrun restarts the group from the last "
+                    f"checkpoint while --max-restarts allows", printed_elsewhere=False) from None
             raise
 
     def _fit(self) -> None:
