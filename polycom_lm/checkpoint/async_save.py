@@ -66,7 +66,9 @@ class AsyncCheckpointer:
                 upload.result()
                 faults.crash_point(f"async-write@{step}")  # shards written, folder not yet complete
                 finish()
-                self._record_write(time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self._record_write(seconds)
+                logger.info("checkpoint step_%d written in the background in %.2f s", step, seconds)
             except BaseException as error:  # noqa: BLE001  re-raised in the training thread by wait()
                 self._error = error
 

@@ -23,6 +23,9 @@ from polycom_lm.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanne
 from polycom_lm.errors import CheckpointError, first_line
 
 METADATA_FILE = ".metadata"
+# One process: DCP warns that it "assumes the intent is to save in a single process". It is. (Filtered
+# for the whole process: an asynchronous save writes from a thread, where a local filter would not hold.)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def is_dcp_checkpoint(directory: Path) -> bool:
@@ -38,32 +41,25 @@ def read_dcp_metadata(directory: Path) -> Metadata:
 
 def save_dcp(directory: Path, state: dict[str, Any], *, distributed: bool) -> None:
     """Write `state` (nested dicts of tensors / DTensors and plain values) into `directory`."""
-    with warnings.catch_warnings():
-        # Single process: DCP warns that it "assumes the intent is to save in a single process". It is.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(directory), no_dist=not distributed)
+    dcp.save(state, checkpoint_id=str(directory), no_dist=not distributed)
 
 
 def save_dcp_async(directory: Path, state: dict[str, Any], *, distributed: bool, group: Any) -> Future:
     """Stage `state` into CPU memory (every tensor copied before this returns), then write it into
     `directory` in a background thread whose collectives run on `group`; returns the write's future."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return dcp.async_save(state, checkpoint_id=str(directory), process_group=group, no_dist=not distributed)
+    return dcp.async_save(state, checkpoint_id=str(directory), process_group=group, no_dist=not distributed)
 
 
 def load_dcp(directory: Path, state: dict[str, Any], *, distributed: bool) -> None:
     """Fill `state` in place from `directory` (resharding to the placements of its DTensors)."""
     read_dcp_metadata(directory)  # a missing or crafted metadata file: one line, before any collective
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(
-                state,
-                storage_reader=SafeFileSystemReader(str(directory)),
-                planner=SafeLoadPlanner(),
-                no_dist=not distributed,
-            )
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(str(directory)),
+            planner=SafeLoadPlanner(),
+            no_dist=not distributed,
+        )
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as error:  # noqa: BLE001  CheckpointException derives from BaseException

@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     except runner.RunFailed as error:
         print(f"error: {error}")
         return 1
+    except runner.RunStopped as error:
+        print(f"stopped: {error}")
+        return error.exit_status
     if args.only is None and main and all(runner.run_status(r).state == runner.DONE for r in main):
         out = spec.report_dir or spec.output_dir / "report"
         write_report([spec.output_dir], out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +41,37 @@ DONE, PARTIAL, NEW = "finished", "interrupted", "not started"
 
 class RunFailed(PolycomError):
     """A run of the study exited with an error (its log names the cause)."""
+
+
+class RunStopped(PolycomError):
+    """A stop signal reached the study (preemption, a time limit): it was forwarded to the run in training,
+    which saved a checkpoint; `exit_status` is the run's (128 + the signal's number)."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+# Forwarded to the run in training, which saves and stops (train/stop.py); the study then stops too.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _train(command: list[str], log, environment: dict) -> tuple[int, Optional[int]]:
+    """Run `command`, forwarding the stop signals to it; (its exit status, the signal forwarded or None)."""
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    received: list[int] = []
+
+    def forward(number: int, frame) -> None:
+        received.append(number)
+        process.send_signal(number)
+
+    previous = {number: signal.signal(number, forward) for number in FORWARDED_SIGNALS}
+    try:
+        code = process.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return code, (received[0] if received else None)
 
 
 @dataclass(frozen=True)
@@ -76,8 +108,22 @@ def check_run_folder(run: PlannedRun) -> None:
 def train_command(run: PlannedRun, launcher: str, nproc_per_node: int) -> list[str]:
     train = ["-m", "polycom_lm.cli", "train", str(run.config_path), "--no-progress"]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}", *train]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+                *torchrun_lifecycle_arguments(), *train]
     return [sys.executable, *train]
+
+
+def torchrun_lifecycle_arguments() -> list[str]:
+    """What launch/common.sh gives torchrun: restarts after a lost worker, and the stop signals forwarded
+    to the workers with time to save (where this torch's torchrun has the options)."""
+    from torch.distributed.run import get_args_parser
+
+    options = {option for action in get_args_parser()._actions for option in action.option_strings}
+    arguments = [f"--max-restarts={os.environ.get('MAX_RESTARTS', '3')}"]
+    if "--signals-to-handle" in options and "--shutdown-timeout" in options:
+        arguments += ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",
+                      f"--shutdown-timeout={os.environ.get('SHUTDOWN_TIMEOUT', '300')}"]
+    return arguments
 
 
 def write_study_file(spec: StudySpec, runs: list[PlannedRun], selection: Optional[dict]) -> Path:
@@ -138,10 +184,13 @@ def execute(spec: StudySpec, runs: list[PlannedRun], launcher: str, nproc_per_no
         with open(log, "a", encoding="utf-8") as handle:
             handle.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(train_command(run, launcher, nproc_per_node))}\n")
             handle.flush()
-            code = subprocess.call(train_command(run, launcher, nproc_per_node), stdout=handle, stderr=subprocess.STDOUT,
-                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            code, forwarded = _train(train_command(run, launcher, nproc_per_node), handle, dict(os.environ, PYTHONUNBUFFERED="1"))
         seconds = time.perf_counter() - start
         _record_timing(spec, run, seconds, code, status.step, launcher)
+        if forwarded is not None:
+            raise RunStopped(
+                f"{signal.Signals(forwarded).name} stopped {run.phase} run {run.name} after {seconds:.0f} s (exit status "
+                f"{code}; its log: {log}); run the same study command again to continue it", code or 128 + forwarded)
         if code != 0:
             raise RunFailed(
                 f"{run.phase} run {run.name} failed (exit status {code}) after {seconds:.0f} s; its log: {log}; run "

@@ -30,6 +30,9 @@ def _sbatch_options(spec: StudySpec, job_name: str, count: int, log_dir: Path) -
         "--nodes=1",
         "--ntasks-per-node=1",
         f"--output={log_dir / 'slurm-%x-%A_%a.log'}",
+        "--open-mode=append",  # a requeued task adds to its log
+        "--signal=B:USR1@300",  # 5 minutes before the time limit: save and requeue (see _FORWARD_AND_REQUEUE)
+        "--requeue",
     ]
     for key, option in (("partition", "partition"), ("time", "time"), ("gpus_per_node", "gpus-per-node"),
                         ("cpus_per_task", "cpus-per-task"), ("mem", "mem")):
@@ -54,10 +57,33 @@ def array_script(spec: StudySpec, runs: list[PlannedRun], phase: str, launcher: 
         *[f"  {shlex.quote(f'{phase}/{run.name}')}" for run in runs],
         ")",
         'RUN="${RUNS[$SLURM_ARRAY_TASK_ID]}"',
-        (f"exec {shlex.quote(sys.executable)} -m polycom_lm.cli study {shlex.quote(str(spec.path))} "
-         f'--only "$RUN" --launcher {launcher} --nproc-per-node {nproc_per_node}'),
+        (f"{shlex.quote(sys.executable)} -m polycom_lm.cli study {shlex.quote(str(spec.path))} "
+         f'--only "$RUN" --launcher {launcher} --nproc-per-node {nproc_per_node} &'),
+        *_FORWARD_AND_REQUEUE,
     ]
     return "\n".join(lines) + "\n"
+
+
+# SLURM's USR1 (`--signal=B:USR1@300`) or a preemption's TERM reaches this script: forward it to the study,
+# which forwards it to the run in training (it saves and stops); then requeue this array task, whose run
+# resumes from its `latest` when it starts again. (launch/common.sh's run_until_signalled, inlined: the
+# script must not depend on where the repository is.)
+_FORWARD_AND_REQUEUE = [
+    "child=$!",
+    'stop_signal=""',
+    "for name in USR1 USR2 TERM; do",
+    '    trap "stop_signal=$name; kill -s $name $child 2>/dev/null || true" "$name"',
+    "done",
+    "while true; do",
+    '    status=0; wait "$child" || status=$?',
+    '    kill -0 "$child" 2>/dev/null || break',
+    "done",
+    'if [ -n "$stop_signal" ] && [ "${REQUEUE:-1}" != "0" ]; then',
+    '    echo "stopped by SIG$stop_signal: requeueing ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" >&2',
+    '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+    "fi",
+    'exit "$status"',
+]
 
 
 def write_scripts(spec: StudySpec, sweep: list[PlannedRun], main: list[PlannedRun], nproc_per_node: int) -> tuple[list[Path], str]:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import math
+import shlex
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -76,10 +81,35 @@ def test_slurm_script_for_a_2x2_grid_has_one_array_task_per_run(prepared_data, t
     assert command == f"sbatch {scripts[0]}"
     assert subprocess.run(["bash", "-n", str(scripts[0])]).returncode == 0
     # What task 2 runs: the script's array indexing, executed with the command replaced by an echo.
-    body = text.replace("exec ", "echo ").replace("set -euo pipefail", "set -eu")
+    body = text.replace(f"{shlex.quote(sys.executable)} -m polycom_lm.cli", "echo").replace("set -euo pipefail", "set -eu")
     task = subprocess.run(["bash", "-c", body], env={"SLURM_ARRAY_TASK_ID": "2", "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, check=True)
-    assert "--only main/activation-polynorm_seed-0 " in task.stdout
+    assert "study " in task.stdout and "--only main/activation-polynorm_seed-0 " in task.stdout
+    assert "#SBATCH --signal=B:USR1@300" in text and "#SBATCH --requeue" in text
+
+
+def test_slurm_array_task_forwards_usr1_to_the_study_and_requeues_itself(prepared_data, tmp_path):
+    """The array script's signal path, with the study command replaced by a process that stops on USR1 as
+    a training run does (exit 128 + 10) and scontrol by the tests' stand-in: USR1 to the script reaches
+    the command, the task exits with its status and asks to requeue exactly this array task."""
+    path = write_study(tmp_path, prepared_data, {"model.activation": ["swiglu", "polynorm"]})
+    spec = load_study(path)
+    scripts, _ = slurm.write_scripts(spec, [], main_runs(spec), 1)
+    stand_in = Path(__file__).resolve().parents[1] / "distributed" / "slurm_stand_in"
+    started = tmp_path / "started"
+    worker = f"bash -c 'trap \"exit 138\" USR1; touch {started}; while true; do sleep 0.05; done' --"
+    body = scripts[0].read_text().replace(f"{shlex.quote(sys.executable)} -m polycom_lm.cli", worker)
+    log = tmp_path / "scontrol.log"
+    task = subprocess.Popen(["bash", "-c", body], env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "77",
+                                                        "SLURM_JOB_ID": "78", "SCONTROL_LOG": str(log),
+                                                        "PATH": f"{stand_in}:/usr/bin:/bin"})
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline and task.poll() is None
+        time.sleep(0.02)
+    task.send_signal(signal.SIGUSR1)
+    assert task.wait(timeout=30) == 138
+    assert log.read_text().split() == ["requeue", "77_1"]
 
 
 def test_slurm_with_select_lr_chains_the_main_array_after_the_sweep(prepared_data, tmp_path):
