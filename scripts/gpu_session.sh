@@ -23,6 +23,9 @@ STAGES=${*:-bench commands}
 SMOKE=${SMOKE:-0}
 PYTHON=${PYTHON:-python3}
 EVAL_DIR=${EVAL_DIR:-.gpu_eval}   # task files in the layout of shared/data/eval
+# More overrides for every run, e.g. another corpus (the CPU test gives its small prepared one, so that it
+# does not tokenise the built-in corpus first): words split on whitespace.
+read -r -a EXTRA <<< "${EXTRA_OVERRIDES:-}"
 export PYTHONPATH=${PYTHONPATH:-.}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 mkdir -p "$OUT_DIR"
@@ -47,7 +50,8 @@ if [ "$SMOKE" = 1 ]; then
     DEVICE=cpu STEPS=4 MORE=2 PRECISION=bf16 LIMIT=8
     TINY=(model.n_layers=2 model.d_model=64 model.n_heads=4 model.ffn_hidden_size=172 training.seq_len=64
           training.global_batch_size=8 training.micro_batch_size=4 training.eval_every_steps=0
-          training.save_every_steps=2 schedule.warmup_steps=1)
+          training.save_every_steps=2 schedule.warmup_steps=1
+          training.compile=false)  # compiled steps are tested elsewhere; on a CPU they cost 7 s a run
     BENCH=(--smoke --no-compile --activations polynorm)
 else
     DEVICE=cuda STEPS=100 MORE=20 PRECISION=bf16 LIMIT=200
@@ -55,7 +59,7 @@ else
     BENCH=()
 fi
 COMMON=(training.device="$DEVICE" training.precision=$PRECISION logging.wandb_mode=disabled logging.progress_bar=false
-        "${TINY[@]}")
+        "${TINY[@]}" "${EXTRA[@]}")
 MOE=(model.family=moe model.qk_norm=true model.moe.num_experts=8 model.moe.top_k=2 model.moe.expert_hidden_size=256)
 QUICKSTART=configs/experiments/quickstart/polynorm.yaml
 

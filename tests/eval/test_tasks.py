@@ -75,8 +75,16 @@ def test_a_missing_data_file_names_the_path_and_how_to_get_it(tmp_path):
 
 
 def test_without_local_files_or_hub_eval_says_where_to_put_the_files(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read the variables once, at import: set where they keep them too (another test may
+    # have imported them first), else they try the network and wait for its timeouts (20 s here).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     with pytest.raises(DataError) as error:
         get_task("copa").examples(None)
     message = str(error.value)

@@ -88,3 +88,39 @@ def test_sigkilled_streaming_run_resumes_in_place_and_equals_the_offline_run(cor
     assert [step for step, *_ in resumed] == list(range(1, MAX_STEPS + 1))
     assert resumed == _losses(tmp_path / "offline")  # bitwise: the same batches in the same order
     assert len(list((tmp_path / "cache" / "shards").glob("*"))) == 1  # the offline run's; the stream cached nothing
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="utf-8") as handle:
+                found += [int(child) for child in handle.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_dead_stream_reader_stops_the_run_with_one_line_and_its_checkpoints_intact(corpus_and_tokenizer, tmp_path):
+    """SIGKILL of the streaming reader process mid-run: the trainer says so in one line, exits 2, and
+    `latest` names a complete checkpoint."""
+    config = _config(corpus_and_tokenizer, tmp_path, "run", streaming=True, stream_workers=1)
+    log = tmp_path / "log"
+    process = train_in_background(config, latest_is(tmp_path / "run", "step_2"), "the run ended first", log=log)
+    reader = next(child for child in _children(process.pid) if "spawn_main" in _name(child))  # not the resource tracker
+    os.kill(reader, signal.SIGKILL)
+    assert process.wait(timeout=120) == 2
+    errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    assert "streaming data process of data-parallel rank 0 died (killed by SIGKILL)" in errors[0]
+    assert "run the same command to resume from the last checkpoint" in errors[0]
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert (tmp_path / "run" / "checkpoints" / latest / ".complete").is_file()
