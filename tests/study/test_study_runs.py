@@ -79,3 +79,32 @@ def test_lr_sweep_chooses_the_learning_rate_of_the_main_runs(prepared_data, tmp_
     assert f"lr: {float(best)}" in saved
     report = (spec.output_dir / "report" / "report.md").read_text()
     assert "## Learning-rate selection (toy)" in report and "(edge of the sweep)" in report
+
+
+def test_a_stop_signal_to_the_study_reaches_the_run_in_training_which_saves_and_the_study_exits_with_its_status(prepared_data, tmp_path):
+    """SIGTERM to `polycom-lm study` (SLURM's preemption, forwarded by the array script) is forwarded to the
+    `train` process, which saves after its step and exits 143; the study says so in one line and exits 143
+    too, leaving the run resumable at that step (resuming is the restart test's above)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trainer_test_helpers import REPO, cli_environment
+
+    path = write_study(tmp_path, prepared_data, {"training.seed": [1]},
+                       training={"max_steps": 200, "save_every_steps": 0, "eval_every_steps": 0})
+    run = main_runs(load_study(path))[0]
+    study = subprocess.Popen([sys.executable, "-m", "polycom_lm.cli", "study", str(path)], cwd=REPO, env=cli_environment(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (run.output_dir / "metrics.jsonl").is_file() or '"step": 2,' not in (run.output_dir / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and study.poll() is None, "the run never reached step 2"
+        time.sleep(0.02)
+    study.send_signal(signal.SIGTERM)
+    output, _ = study.communicate(timeout=120)
+    assert study.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert f"stopped: SIGTERM stopped main run {run.name}" in output
+    stopped = runner.run_status(run)
+    assert stopped.state == runner.PARTIAL and 2 <= stopped.step < 200
+    assert [step for step, _ in _rows(run)][-1] == stopped.step
