@@ -226,6 +226,16 @@ class DistributedConfig:
     fsdp_replicate: int = 1  # HSDP: replicate degree (shard degree = dp / replicate)
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON whose keys override the generated ones
     timeout_minutes: int = 30
+    # Pipeline parallelism (distributed/pipeline.py): degree, schedule (gpipe, 1f1b, interleaved_1f1b,
+    # interleaved_zero_bubble), micro-batches per step and data-parallel rank (null: local batch /
+    # training.micro_batch_size), stages per rank (interleaved schedules), blocks on the first / last stage
+    # (null: an even split).
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_microbatches: Optional[int] = None
+    pp_stages_per_rank: int = 1
+    pp_first_stage_layers: Optional[int] = None
+    pp_last_stage_layers: Optional[int] = None
 
 
 @dataclass
