@@ -186,6 +186,7 @@ def scenario_pp2(shared: Path) -> dict:
     # Saved after 2 of 4 steps (pp 2, 1f1b, SwiGLU); the tests resume it on 1 and on 4 pipeline ranks.
     results["save_pp2_swiglu"] = case(pipeline_config("swiglu", pp=2), steps=4, save_after=2,
                                       save_to=shared / "saved_pp2")
+    results["resume_pp2_on_pp2"] = case(pipeline_config("swiglu", pp=2), steps=2, load_from=shared / "saved_pp2")
     return results
 
 
