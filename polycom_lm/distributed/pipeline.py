@@ -81,6 +81,25 @@ def bubble_fraction(schedule: str, pp: int, micro_batches: int, stages_per_rank:
     return (pp - 1) / (v * micro_batches + pp - 1)
 
 
+def pipeline_summary(config: Config, micro_batches: int) -> dict:
+    """The pipeline layout of `config` (pp > 1) with `micro_batches` per step and data-parallel rank: for
+    `polycom-lm info` and `config`."""
+    distributed = config.distributed
+    v = distributed.pp_stages_per_rank
+    stages = distributed.pp * v
+    counts = stage_layer_counts(config.model.n_layers, stages, distributed.pp_first_stage_layers,
+                                distributed.pp_last_stage_layers)
+    return {
+        "pp": distributed.pp,
+        "schedule": distributed.pp_schedule,
+        "stages": stages,
+        "stages_per_rank": v,
+        "layers_per_stage": counts,
+        "micro_batches": micro_batches,
+        "bubble_fraction": bubble_fraction(distributed.pp_schedule, distributed.pp, micro_batches, v),
+    }
+
+
 def stage_layer_counts(n_layers: int, stages: int, first: Optional[int] = None, last: Optional[int] = None) -> list[int]:
     """Blocks per stage: `first` / `last` when given, the rest split evenly over the other stages, any
     remainder to the middle stages first (the first and last also hold the embedding and the head)."""
@@ -145,9 +164,6 @@ def check_pipeline_config(config: Config, world_size: int, dp: int, local_batch:
     if config.training.cross_entropy == "fused":
         raise ConfigError("training.cross_entropy=fused is not supported with distributed.pp > 1; use "
                           "training.cross_entropy=logits")
-    if config.evaluation.downstream.tasks:
-        raise ConfigError("evaluation.downstream is not supported with distributed.pp > 1 yet; evaluate the "
-                          "checkpoint with `polycom-lm eval` instead")
     micro_batches = pipeline_micro_batches(config, local_batch)
     if local_batch % micro_batches:
         raise ConfigError(
@@ -258,6 +274,19 @@ class StageModules(nn.Module):
         return metrics
 
 
+class PipelineForward(nn.Module):
+    """`model(input_ids) -> logits` through the pipeline (forward only), for the zero-shot tasks scored
+    during training (`wrapped=True` scoring); see `Pipeline.forward_logits`."""
+
+    def __init__(self, pipeline: "Pipeline", stage_modules: StageModules):
+        super().__init__()
+        self.stage_modules = stage_modules  # its parameters' device and its train/eval mode
+        object.__setattr__(self, "pipeline", pipeline)
+
+    def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.pipeline.forward_logits(input_ids, document_ids)
+
+
 class _AuxLossGradient(torch.autograd.Function):
     """Identity on a stage's output whose backward also gives `aux_loss` the gradient `weight`: the MoE
     auxiliary losses of every stage reach backward although the schedule backpropagates only the stage
@@ -283,6 +312,7 @@ class Pipeline:
         distributed = config.distributed
         self.num_stages = distributed.pp * distributed.pp_stages_per_rank
         self.n_layers = config.model.n_layers
+        self.vocab_size = config.model.vocab_size
         self.micro_batches = micro_batches
         self.group = group
         self.device = device
@@ -360,9 +390,9 @@ class Pipeline:
         return reduced[0], names, (reduced[1:] if names else None)
 
     @torch.no_grad()
-    def forward_loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, document_ids: Optional[torch.Tensor],
-                         loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Summed token loss of a whole batch (one micro-batch, forward only), on every stage (float64)."""
+    def _forward(self, inputs: torch.Tensor, document_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The last stage's output for a whole batch (one micro-batch, forward only; None on other ranks),
+        through a forward-only schedule of its own per batch shape (shapes are fixed per stage object)."""
         key = (tuple(inputs.shape), document_ids is not None)
         schedule = self._eval_schedules.get(key)
         if schedule is None:
@@ -372,7 +402,29 @@ class Pipeline:
             self._eval_schedules[key] = schedule
         kwargs = {} if document_ids is None else {"document_ids": document_ids}
         arguments = (inputs,) if self.has_first else ()
-        output = schedule.step(*arguments, **kwargs)
+        return schedule.step(*arguments, **kwargs)
+
+    @torch.no_grad()
+    def forward_logits(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] on the last stage; zeros of that shape on the others (whose results
+        `share_from_last_stage` replaces)."""
+        output = self._forward(input_ids, document_ids)
+        if output is None:
+            output = torch.zeros(*input_ids.shape[:2], self.vocab_size, device=self.device)
+        return output
+
+    def share_from_last_stage(self, value):
+        """`value` as the last stage computed it, on every rank of the pipeline (any picklable object)."""
+        holder = [value]
+        dist.broadcast_object_list(holder, src=dist.get_global_rank(self.group, dist.get_world_size(self.group) - 1),
+                                   group=self.group)
+        return holder[0]
+
+    @torch.no_grad()
+    def forward_loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor, document_ids: Optional[torch.Tensor],
+                         loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Summed token loss of a whole batch (one micro-batch, forward only), on every stage (float64)."""
+        output = self._forward(inputs, document_ids)
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         if self.has_last:
             total += loss_function(output, targets).to(torch.float64)

@@ -6,6 +6,8 @@ is the *sum* of this rank's token losses divided by the number of target tokens 
 (all-reduced), times `dp_world_size` because engines average gradients: the update equals the
 single-process update on the whole batch, and the logged loss is the exact global mean. MoE auxiliary
 losses (`model.last_aux_losses`, already weighted per micro-batch) are averaged over micro-batches.
+Under pipeline parallelism (`engine.pipeline`) the library's schedule runs the micro-batches instead, with
+the same loss function and normalisation (`distributed/pipeline.py`); everything else is this step.
 
 Non-finite loss or gradient norm: `skip` drops the update (the batch still counts as consumed) and counts
 it, and escalates to a stop after `training.max_consecutive_skips` in a row; `stop` saves a checkpoint of
@@ -203,7 +205,8 @@ class Trainer:
         unwrapped = engine.unwrapped_model()
         if engine.pipeline is not None:  # the schedule runs the micro-batches (distributed/pipeline.py)
             loss_sum, aux_names, aux_sum = self._pipeline_micro_batches(inputs, targets, document_ids, scale)
-        for index in range(layout.accumulation_steps if engine.pipeline is None else 0):
+        own_micro_batches = layout.accumulation_steps if engine.pipeline is None else 0
+        for index in range(own_micro_batches):
             rows = slice(index * layout.micro_batch_size, (index + 1) * layout.micro_batch_size)
             with engine.micro_batch_context(index == layout.accumulation_steps - 1):
                 kwargs = {} if document_ids is None else {"document_ids": document_ids[rows]}
@@ -264,10 +267,9 @@ class Trainer:
     def _pipeline_micro_batches(self, inputs, targets, document_ids, scale):
         """The pipeline's forward and backward of this rank's batch with the loss of the loop above:
         (summed token loss, auxiliary loss names, their mean over micro-batches), all stages included."""
-        loss_function = self._compiled_loss or token_loss_sum
-
         def losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            token_losses = loss_function(logits, target)
+            compiled = self._compiled_loss is not None and type(logits) is torch.Tensor
+            token_losses = (self._compiled_loss if compiled else token_loss_sum)(logits, target)
             return token_losses, token_losses * scale.to(token_losses.dtype)
 
         with self.autocast():

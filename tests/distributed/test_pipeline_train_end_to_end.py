@@ -1,6 +1,7 @@
 """`polycom-lm train` with `distributed.pp=2` under torchrun reproduces the single-process run (training
-losses and gradient norms, validation loss, every layer's PolyNorm coefficients in metrics.jsonl); its
-checkpoint resumes on one process with the uninterrupted losses and consolidates into the plain model.
+losses and gradient norms, validation loss, zero-shot task rows, every layer's PolyNorm coefficients in
+metrics.jsonl); its checkpoint resumes on one process with the uninterrupted losses and consolidates into
+the plain model.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ pytestmark = pytest.mark.slow
 
 
 def run_config(prepared_data, output_dir: Path) -> dict:
+    from eval_helpers import write_eval_data
+
+    eval_data = output_dir.parent / "eval_data"
+    if not eval_data.exists():
+        write_eval_data(eval_data)
     return {
         "base": str(REPOSITORY / "configs" / "model" / "tiny.yaml"),
-        "model": {"activation": "polynorm", "max_seq_len": 32, "d_model": 32, "ffn_hidden_size": 64, "n_layers": 4},
+        "model": {"activation": "polynorm", "max_seq_len": 256, "d_model": 32, "ffn_hidden_size": 64, "n_layers": 4},
         "data": {"train": [{"source": str(prepared_data["train"])}],
                  "validation": [{"name": "heldout", "source": str(prepared_data["validation"])}]},
         "optimizer": {"lr": 3e-3},
@@ -27,7 +33,8 @@ def run_config(prepared_data, output_dir: Path) -> dict:
                      "micro_batch_size": 2, "log_every_steps": 1, "eval_every_steps": 2, "save_every_steps": 2,
                      "seed": 3},
         "logging": {"wandb_mode": "disabled", "progress_bar": False},
-        "evaluation": {"max_tokens": 256},
+        "evaluation": {"max_tokens": 256, "downstream": {"tasks": ["piqa", "lambada"], "every_steps": 2,
+                                                         "limit": 4, "data_dir": str(eval_data)}},
     }
 
 
@@ -71,6 +78,13 @@ def test_pp2_validation_and_coefficients_match_the_single_process_run(runs):
     assert len(coefficients) == 16 and coefficients == sorted(k for k in pp2_train if k.startswith("coefficients/"))
     for key in coefficients:
         assert pp2_train[key] == pytest.approx(single_train[key], rel=1e-5, abs=1e-7), key
+
+
+def test_pp2_downstream_rows_match_the_single_process_run(runs):
+    single, pp2 = ({(row["step"], row["task"], row["metric"]): row["value"]
+                    for row in rows(runs[name] / "metrics.jsonl", "downstream")} for name in ("single", "pp2"))
+    assert sorted({key[0] for key in pp2}) == [2, 4] and len(pp2) == 8
+    assert pp2 == pytest.approx(single, rel=1e-5)
 
 
 def test_pp2_checkpoint_resumes_on_one_process_with_the_uninterrupted_losses(runs, prepared_data):
