@@ -52,22 +52,29 @@ def pipeline_config(activation: str = "polynorm", family: str = "dense", **distr
 
 class FixedBatches:
     """`global_batch` of a packed dataset: step k's global batch is fixed random tokens (seeded by the
-    samples consumed), so every layout reads the same global batches."""
+    samples consumed), so every layout reads the same global batches. `document_ids`: two packed documents
+    per sequence (a boundary after token 7), for `data.document_masks`."""
+
+    def __init__(self, document_ids: bool = False):
+        self.document_ids = document_ids
 
     def global_batch(self, consumed_samples: int, global_batch_size: int, dp_rank: int, dp_world_size: int) -> dict:
         generator = torch.Generator().manual_seed(1000 + consumed_samples)
         tokens = torch.randint(0, VOCAB, (global_batch_size, SEQ_LEN + 1), generator=generator)
         rows = global_batch_size // dp_world_size
-        return {"input_ids": tokens[dp_rank * rows:(dp_rank + 1) * rows]}
+        batch = {"input_ids": tokens[dp_rank * rows:(dp_rank + 1) * rows]}
+        if self.document_ids:
+            batch["document_ids"] = (torch.arange(SEQ_LEN + 1) >= 7).long().expand(rows, -1).clone()
+        return batch
 
 
-def make_trainer(config: Config, world_size: int, trainer_class=Trainer) -> Trainer:
+def make_trainer(config: Config, world_size: int, trainer_class=Trainer, document_ids: bool = False) -> Trainer:
     check_parallel_config(config, world_size)
     layout = batch_layout(config, world_size)
     engine = build_engine(config, DEVICE)
     setup_model(config, engine)
     return trainer_class(
-        config, engine, layout, FixedBatches(), TrainerState(world_size=world_size),
+        config, engine, layout, FixedBatches(document_ids), TrainerState(world_size=world_size),
         build_schedule(config.schedule, config.training.max_steps, layout.tokens_per_step), [],
         flops_per_token=1.0, peak_flops_per_device=1.0, world_size=world_size,
         barrier=lambda: None, save_checkpoint=lambda trainer: None,
@@ -116,10 +123,10 @@ def _summed_loss(logits, targets):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
 
-def trainer_numbers(config: Config, steps: int, **run_arguments) -> dict:
+def trainer_numbers(config: Config, steps: int, document_ids: bool = False, **run_arguments) -> dict:
     """One process, no pipeline: the reference."""
     reference = config_from_dict({**_as_dict(config), "distributed": {}})
-    trainer = make_trainer(reference, 1)
+    trainer = make_trainer(reference, 1, document_ids=document_ids)
     try:
         return run(trainer, steps, **run_arguments)
     finally:
@@ -156,9 +163,10 @@ def one_stage_clip(trainer: Trainer) -> None:
     engine.clip_grad_norm = clip
 
 
-def case(config: Config, steps: int = 3, trainer_class=Trainer, patch=None, **run_arguments) -> dict:
+def case(config: Config, steps: int = 3, trainer_class=Trainer, patch=None, document_ids: bool = False,
+         **run_arguments) -> dict:
     world_size = dist.get_world_size()
-    trainer = make_trainer(config, world_size, trainer_class)
+    trainer = make_trainer(config, world_size, trainer_class, document_ids)
     if patch is not None:
         patch(trainer)
     try:
@@ -178,6 +186,8 @@ def scenario_pp2(shared: Path) -> dict:
         pipeline_config(pp=2, pp_schedule="interleaved_zero_bubble", pp_stages_per_rank=2))
     results["pp2_uneven_first1_last3_polynorm"] = case(pipeline_config(pp=2, pp_first_stage_layers=1))
     results["pp2_1f1b_moe_polynorm"] = case(pipeline_config("polynorm", "moe", pp=2))
+    # Packed documents: every stage's attention needs the document ids (a keyword input of each stage).
+    results["pp2_1f1b_document_masks_polynorm"] = case(pipeline_config(pp=2), document_ids=True)
     # Negative controls: the library's default gradient scaling, a per-micro-batch mean, one stage's norm.
     results["control_scale_grads_default"] = case(
         pipeline_config(pp=2), patch=lambda trainer: setattr(trainer.engine.pipeline.schedule, "scale_grads", True))

@@ -82,6 +82,14 @@ def test_pipeline_on_4_ranks_matches_single_process(pp4, reference, case):
                              relative=LOSS_TOLERANCE, norm_relative=NORM_TOLERANCE)
 
 
+def test_pipeline_with_document_masks_matches_single_process(pp2):
+    single = trainer_numbers(pipeline_config(), steps=3, document_ids=True)
+    assert_matches_reference(pp2["pp2_1f1b_document_masks_polynorm"], as_reference(single), slice(0, 3),
+                             relative=LOSS_TOLERANCE, norm_relative=NORM_TOLERANCE)
+    # Not vacuous: the masks change the numbers.
+    assert single["losses"] != trainer_numbers(pipeline_config(), steps=3)["losses"]
+
+
 @pytest.mark.parametrize("case", ["pp2_1f1b_moe_polynorm", "pp2_ep2_moe_polynorm"])
 def test_moe_auxiliary_losses_sum_every_stage(pp2, pp4, reference, case):
     measured = (pp2 if case in pp2 else pp4)[case]["aux"]
