@@ -184,6 +184,9 @@ def scenario_pp2(shared: Path) -> dict:
         pipeline_config(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2))
     results["pp2_interleaved_zero_bubble_polynorm"] = case(
         pipeline_config(pp=2, pp_schedule="interleaved_zero_bubble", pp_stages_per_rank=2))
+    recomputed = pipeline_config(pp=2)
+    recomputed.training.activation_checkpointing = "block"  # non-reentrant: a stage's backward recomputes
+    results["pp2_1f1b_recomputed_blocks_polynorm"] = case(recomputed)
     results["pp2_uneven_first1_last3_polynorm"] = case(pipeline_config(pp=2, pp_first_stage_layers=1))
     results["pp2_1f1b_moe_polynorm"] = case(pipeline_config("polynorm", "moe", pp=2))
     # Packed documents: every stage's attention needs the document ids (a keyword input of each stage).
