@@ -7,9 +7,9 @@ order, read top to bottom (the shape of torchtitan's `parallelize_llama`):
                                            per pipeline stage `wrap_stages`) + optimizer
 
 Each transformation is a plain function that changes the model in place; none of them changes the
-module tree or the parameter names (activation checkpointing and compile replace `forward` on the
-instance), so checkpoints, optimizer groups and Hugging Face conversion see the same names whatever
-was applied. The order matters where two meet: activation checkpointing wraps the tensor-parallel
+parameter names (the pipeline split only drops the modules other stages hold; activation checkpointing
+and compile replace `forward` on the instance), so checkpoints, optimizer groups and Hugging Face
+conversion see the same names whatever was applied. The order matters where two meet: activation checkpointing wraps the tensor-parallel
 forward, so a recomputation sees local coefficients and reduces PolyNorm's row sums again.
 """
 

@@ -18,8 +18,15 @@ What this module owns, in the order `parallelize` uses it:
   `scale_grads=False`, so gradients equal the single-process ones (the library's default divides them by
   the micro-batch count once more: torchtitan commit 3e1b843). MoE auxiliary losses reach backward through
   `_AuxLossGradient` on each stage's output (the schedule backpropagates stage outputs only).
-- `Pipeline.forward_loss_sum` (validation): a forward-only schedule over the same modules, one per batch
-  shape; the last stage's summed loss is shared with every stage.
+- `Pipeline.forward_loss_sum` (validation) and `PipelineForward` (zero-shot tasks scored during training):
+  a forward-only schedule over the same modules, one per batch shape (a stage's buffers are sized at its
+  first step), separate from the training schedule; the last stage's loss, or its task results
+  (`share_from_last_stage`), reach every stage. No weights are gathered onto one rank.
+
+Refused (`check_pipeline_config`, one line each): DeepSpeed, tied embeddings (the embedding and head
+live on different stages), the fused cross-entropy, sequence parallelism, `interleaved_zero_bubble` with
+data parallelism (wrong gradients, measured), stages without a block, micro-batch counts the schedule
+cannot run. Under `backend: ddp` stages are replicated by FSDP2 (`ddp.py` says why).
 
 The gradient norm for clipping sums the squared norms of all stages (`Engine.clip_grad_norm` with the mesh's
 pp group); the loop adds every stage's share of the loss, auxiliary losses and metrics (`merge_metrics`).
@@ -396,6 +403,8 @@ class Pipeline:
         key = (tuple(inputs.shape), document_ids is not None)
         schedule = self._eval_schedules.get(key)
         if schedule is None:
+            if len(self._eval_schedules) >= 8:  # zero-shot batches come in many shapes; keep a few
+                self._eval_schedules.pop(next(iter(self._eval_schedules)))
             stages = self._stages()
             schedule = (ScheduleLoopedBFS(stages, n_microbatches=1) if len(stages) > 1
                         else ScheduleGPipe(stages[0], n_microbatches=1))
