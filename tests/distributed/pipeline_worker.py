@@ -210,8 +210,12 @@ def scenario_pp4(shared: Path) -> dict:
     results["pp2_fsdp2_polynorm"] = case(pipeline_config(pp=2, backend="fsdp"))
     results["pp2_ddp2_swiglu"] = case(pipeline_config("swiglu", pp=2, backend="ddp"))
     results["pp2_tp2_polynorm"] = case(pipeline_config(pp=2, tp=2, backend="fsdp"))
+    results["pp2_tp2_swiglu"] = case(pipeline_config("swiglu", pp=2, tp=2, backend="fsdp"))
+    results["pp4_1f1b_moe_polynorm"] = case(pipeline_config("polynorm", "moe", pp=4))
     results["pp2_ep2_moe_polynorm"] = case(pipeline_config("polynorm", "moe", pp=2, ep=2))
     results["resume_pp2_on_pp4"] = case(pipeline_config("swiglu", pp=4), steps=2, load_from=shared / "saved_pp2")
+    results["resume_pp2_on_pp2_fsdp2"] = case(pipeline_config("swiglu", pp=2, backend="fsdp"), steps=2,
+                                              load_from=shared / "saved_pp2")
     return results
 
 

@@ -63,8 +63,8 @@ def as_reference(numbers: dict) -> Reference:
 PP2_CASES = ["pp2_gpipe_polynorm", "pp2_gpipe_swiglu", "pp2_1f1b_polynorm", "pp2_1f1b_swiglu",
              "pp2_interleaved_1f1b_polynorm", "pp2_interleaved_zero_bubble_polynorm",
              "pp2_uneven_first1_last3_polynorm", "pp2_1f1b_recomputed_blocks_polynorm", "pp2_1f1b_moe_polynorm"]
-PP4_CASES = ["pp4_1f1b_polynorm", "pp4_gpipe_swiglu", "pp2_fsdp2_polynorm", "pp2_ddp2_swiglu", "pp2_tp2_polynorm",
-             "pp2_ep2_moe_polynorm"]
+PP4_CASES = ["pp4_1f1b_polynorm", "pp4_gpipe_swiglu", "pp4_1f1b_moe_polynorm", "pp2_fsdp2_polynorm", "pp2_ddp2_swiglu",
+             "pp2_tp2_polynorm", "pp2_tp2_swiglu", "pp2_ep2_moe_polynorm"]
 
 
 @pytest.mark.parametrize("case", PP2_CASES)
@@ -87,7 +87,7 @@ def test_pipeline_with_document_masks_matches_single_process(pp2):
     assert single["losses"] != trainer_numbers(pipeline_config(), steps=3)["losses"]
 
 
-@pytest.mark.parametrize("case", ["pp2_1f1b_moe_polynorm", "pp2_ep2_moe_polynorm"])
+@pytest.mark.parametrize("case", ["pp2_1f1b_moe_polynorm", "pp4_1f1b_moe_polynorm", "pp2_ep2_moe_polynorm"])
 def test_moe_auxiliary_losses_sum_every_stage(pp2, pp4, reference, case):
     measured = (pp2 if case in pp2 else pp4)[case]["aux"]
     wanted = reference["moe"]["aux"][:3]
@@ -134,8 +134,9 @@ def test_pp2_checkpoint_resumes_bitwise_on_pp2(pp2):
     assert pp2["resume_pp2_on_pp2"]["grad_norms"] == pp2["save_pp2_swiglu"]["grad_norms"][2:4]
 
 
-def test_pp2_checkpoint_resumes_on_pp4(pp4, reference):
-    assert_matches_reference(pp4["resume_pp2_on_pp4"], as_reference(reference["swiglu"]), slice(2, 4),
+@pytest.mark.parametrize("case", ["resume_pp2_on_pp4", "resume_pp2_on_pp2_fsdp2"])
+def test_pp2_checkpoint_resumes_on_other_layouts(pp4, reference, case):
+    assert_matches_reference(pp4[case], as_reference(reference["swiglu"]), slice(2, 4),
                              relative=LOSS_TOLERANCE, norm_relative=NORM_TOLERANCE)
 
 
