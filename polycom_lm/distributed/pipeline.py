@@ -58,6 +58,7 @@ from torch.distributed.pipelining.schedules import (
 
 from polycom_lm.config import Config
 from polycom_lm.errors import ConfigError
+from polycom_lm.models.moe_layer import moe_metrics_from_layers
 from polycom_lm.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ SCHEDULES.register("1f1b")(Schedule1F1B)
 SCHEDULES.register("interleaved_1f1b")(ScheduleInterleaved1F1B)
 SCHEDULES.register("interleaved_zero_bubble")(ScheduleInterleavedZeroBubble)
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (logits, targets) -> (summed token loss, the loss to backpropagate)
+LossFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def is_multi_stage(schedule: str) -> bool:
@@ -271,8 +273,6 @@ class StageModules(nn.Module):
 
     def moe_metrics(self) -> dict[str, float]:
         """Routing statistics of this rank's MoE layers under their index in the whole model."""
-        from polycom_lm.models.moe_layer import moe_metrics_from_layers
-
         metrics: dict[str, float] = {}
         for key, block in self.layers.items():
             if hasattr(block.ffn, "routing_statistics"):
@@ -328,7 +328,7 @@ class Pipeline:
         self.wrapped = wrapped
         self.has_first = 0 in self.stage_indices
         self.has_last = self.num_stages - 1 in self.stage_indices
-        self._loss_function: Optional[LossFunction] = None
+        self._loss_function: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
         self._aux_records: dict[int, list[dict[str, torch.Tensor]]] = {}  # per part, per forward
         self._eval_schedules: dict[tuple, object] = {}
         stages = self._stages()
