@@ -7,6 +7,10 @@ process, then each engine under torchrun on `--nproc` gloo / nccl processes, and
 engine's losses against the single-process ones (largest relative difference) and its median step time
 as a ratio to the single-process step. Timings on a shared, busy machine are noisy; the ratios are taken
 in one invocation so that they at least share the conditions.
+
+Pipeline rows (`pp2 ...`, the trainer's pipeline step with m micro-batches per step) also give the bubble:
+measured as 1 − (single-process step / pp) / pp step, i.e. the share of the step a perfectly split pipeline
+would not need (communication included), against the schedule's formula (p − 1) / (m + p − 1).
 """
 
 from __future__ import annotations
@@ -39,12 +43,17 @@ ENGINES = {
     "deepspeed zero1": ["distributed.backend=deepspeed", "distributed.zero_stage=1"],
     "deepspeed zero2": ["distributed.backend=deepspeed", "distributed.zero_stage=2"],
     "deepspeed zero3": ["distributed.backend=deepspeed", "distributed.zero_stage=3"],
+    "pp2 1f1b m2": ["distributed.pp=2", "distributed.pp_schedule=1f1b", "distributed.pp_microbatches=2"],
+    "pp2 1f1b m4": ["distributed.pp=2", "distributed.pp_schedule=1f1b", "distributed.pp_microbatches=4"],
+    "pp2 1f1b m8": ["distributed.pp=2", "distributed.pp_schedule=1f1b", "distributed.pp_microbatches=8"],
+    "pp2 gpipe m4": ["distributed.pp=2", "distributed.pp_schedule=gpipe", "distributed.pp_microbatches=4"],
 }
 
 
 def build_config(arguments, overrides: list[str]):
     base = load_config(REPOSITORY / "configs" / "model" / f"{arguments.model}.yaml")
-    raw = {"model": base.to_dict()["model"], "training": {"seq_len": arguments.seq_len}}
+    raw = {"model": base.to_dict()["model"],
+           "training": {"seq_len": arguments.seq_len, "global_batch_size": arguments.global_batch}}
     raw["model"]["activation"] = arguments.activation
     return config_from_dict(raw, overrides)
 
@@ -70,7 +79,14 @@ def measure(arguments, overrides: list[str]) -> dict:
         started = time.perf_counter()
         engine.zero_grad()
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for index, micro in enumerate(local.chunk(micro_batches)):
+        if engine.pipeline is not None:  # the trainer's pipeline step: its schedule runs the micro-batches
+            def pipeline_losses(logits, targets):
+                token_losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+                return token_losses, token_losses / batch[:, 1:].numel() * engine.dp_world_size
+
+            loss_sum, _, _ = engine.pipeline.train_step_micro_batches(local[:, :-1], local[:, 1:], None, pipeline_losses)
+            total = loss_sum / batch[:, 1:].numel()
+        for index, micro in enumerate(local.chunk(micro_batches) if engine.pipeline is None else []):
             with engine.micro_batch_context(index == micro_batches - 1):
                 logits = engine.model(micro[:, :-1])
                 token_losses = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten(), reduction="sum")
@@ -83,7 +99,14 @@ def measure(arguments, overrides: list[str]) -> dict:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
     # The first steps pay for warm-up (allocations, DeepSpeed buckets); time the rest.
-    return {"losses": losses, "step_time_s": statistics.median(times[min(2, len(times) - 1):])}
+    result = {"losses": losses, "step_time_s": statistics.median(times[min(2, len(times) - 1):])}
+    if engine.pipeline is not None:
+        from polycom_lm.distributed.pipeline import bubble_fraction
+
+        distributed = config.distributed
+        result["bubble_formula"] = bubble_fraction(distributed.pp_schedule, distributed.pp, engine.pipeline.micro_batches)
+        result["pp"] = distributed.pp
+    return result
 
 
 def worker(arguments) -> None:
@@ -113,7 +136,7 @@ def main() -> None:
         return
 
     single = measure(arguments, ["distributed.backend=ddp"])
-    rows = [("single process", 0.0, single["step_time_s"], 1.0, single["losses"][-1])]
+    rows = [("single process", 0.0, single["step_time_s"], 1.0, single["losses"][-1], "")]
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                    "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPOSITORY / ".cache" / "torch_extensions"))}
     for name in arguments.engines.split(","):
@@ -131,13 +154,19 @@ def main() -> None:
                 continue
             result = json.loads(output.read_text())
         difference = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], single["losses"]))
-        rows.append((name, difference, result["step_time_s"], result["step_time_s"] / single["step_time_s"], result["losses"][-1]))
+        bubble = ""
+        if "bubble_formula" in result:
+            measured = 1.0 - single["step_time_s"] / result["pp"] / result["step_time_s"]
+            bubble = f"{measured:.2f} / {result['bubble_formula']:.2f}"
+        rows.append((name, difference, result["step_time_s"], result["step_time_s"] / single["step_time_s"],
+                     result["losses"][-1], bubble))
     print(f"model {arguments.model}, activation {arguments.activation}, {arguments.nproc} ranks, {arguments.steps} steps, "
           f"global batch {arguments.global_batch} x {arguments.seq_len} tokens, 2 micro-batches per rank")
-    print(f"| engine | max rel. loss diff vs 1 process | last loss | step time (s) | time / 1 process |")
-    print("|---|---|---|---|---|")
-    for name, difference, step_time, ratio, last in rows:
-        print(f"| {name} | {difference:.1e} | {last:.6f} | {step_time:.4f} | {ratio:.2f} |")
+    print(f"| engine | max rel. loss diff vs 1 process | last loss | step time (s) | time / 1 process | "
+          f"pipeline bubble measured / formula |")
+    print("|---|---|---|---|---|---|")
+    for name, difference, step_time, ratio, last, bubble in rows:
+        print(f"| {name} | {difference:.1e} | {last:.6f} | {step_time:.4f} | {ratio:.2f} | {bubble} |")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,28 @@ def run(args: argparse.Namespace) -> int:
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be at least 1, got {args.world_size}")
     config = load_config(args.config, args.overrides)
-    validate_config(config, args.world_size)
+    layout = validate_config(config, args.world_size)
+    sys.stdout.write(layout_comment(config, layout, args.world_size))
     sys.stdout.write(config.to_yaml())
     return 0
+
+
+def layout_comment(config, layout, world_size: int) -> str:
+    """How `world_size` ranks split the work, as YAML comment lines (the output still loads unchanged)."""
+    distributed = config.distributed
+    lines = [
+        f"# layout on {world_size} rank(s): pp {distributed.pp} x dp {layout.dp_world_size} x tp {distributed.tp}"
+        + (f" (ep {distributed.ep} within dp)" if distributed.ep > 1 else "")
+        + f", backend {distributed.backend}",
+        f"# per step: {layout.global_batch_size} sequences of {layout.seq_len} tokens; per data-parallel rank "
+        f"{layout.accumulation_steps} micro-batch(es) of {layout.micro_batch_size}",
+    ]
+    if distributed.pp > 1:
+        from polycom_lm.distributed.pipeline import pipeline_summary
+
+        summary = pipeline_summary(config, layout.accumulation_steps)
+        lines.append(
+            f"# pipeline: {summary['schedule']}, {summary['stages']} stages ({summary['stages_per_rank']} per rank), "
+            f"blocks per stage {summary['layers_per_stage']}, bubble {summary['bubble_fraction']:.1%} of the step"
+        )
+    return "\n".join(lines) + "\n"

@@ -24,6 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. model.activation=polynorm (or --model.activation=polynorm, "
                              "--model.activation polynorm)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with distributed.pp > 1: the ranks the pipeline's micro-batches are counted for "
+                             "(default: $WORLD_SIZE, else pp x tp)")
     parser.set_defaults(func=run)
 
 
@@ -54,7 +57,24 @@ def model_info(config) -> dict:
     return info
 
 
+def pipeline_info(config, world_size: int | None) -> dict:
+    """Stages, blocks per stage, micro-batches and the schedule's bubble fraction (distributed.pp > 1)."""
+    import os
+
+    from polycom_lm.distributed.pipeline import pipeline_summary
+    from polycom_lm.train.validation import validate_config
+
+    distributed = config.distributed
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "0")) or distributed.pp * distributed.tp
+    layout = validate_config(config, world_size)
+    return {"world_size": world_size, "data_parallel": layout.dp_world_size,
+            **pipeline_summary(config, layout.accumulation_steps)}
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    print(json.dumps(model_info(config), indent=2))
+    info = model_info(config)
+    if config.distributed.pp > 1:
+        info["pipeline"] = pipeline_info(config, args.world_size)
+    print(json.dumps(info, indent=2))
     return 0

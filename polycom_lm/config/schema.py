@@ -239,6 +239,16 @@ class DistributedConfig:
     # How long a collective may wait before the run ends with one line naming the ranks that did not
     # arrive (distributed/watchdog.py); overrides timeout_minutes when set (seconds, e.g. for tests).
     timeout_seconds: Optional[float] = None
+    # Pipeline parallelism (distributed/pipeline.py): degree, schedule (gpipe, 1f1b, interleaved_1f1b,
+    # interleaved_zero_bubble), micro-batches per step and data-parallel rank (null: local batch /
+    # training.micro_batch_size), stages per rank (interleaved schedules), blocks on the first / last stage
+    # (null: an even split).
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_microbatches: Optional[int] = None
+    pp_stages_per_rank: int = 1
+    pp_first_stage_layers: Optional[int] = None
+    pp_last_stage_layers: Optional[int] = None
 
     @property
     def timeout_s(self) -> float:

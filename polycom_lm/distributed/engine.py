@@ -59,6 +59,7 @@ class Engine:
         self.device = device
         self.mesh = mesh
         self.module: Optional[nn.Module] = None  # the plain (possibly tensor / expert parallel) model
+        self.pipeline = None  # a `pipeline.Pipeline` when distributed.pp > 1 (set by `parallelize`)
         self.model: nn.Module  # what the loop calls: model(input_ids) -> logits
         self.optimizer: torch.optim.Optimizer
 
@@ -92,6 +93,20 @@ class Engine:
         the wrapped parameters; sets `module`, `model` and `optimizer`."""
         raise NotImplementedError
 
+    def data_parallel(self, model: nn.Module) -> nn.Module:
+        """`model` wrapped for data parallelism (what `wrap` applies), for one pipeline stage."""
+        raise NotImplementedError(f"distributed.backend={self.config.distributed.backend} does not run pipeline stages")
+
+    def wrap_stages(self, parts: list[nn.Module], model: nn.Module, build_optimizer: OptimizerFactory) -> list[nn.Module]:
+        """Pipeline parallelism: data parallelism on each of this rank's stage `parts` (none with one
+        data-parallel rank), the optimizer over `model` (all parts under the whole model's names, which the
+        loop, checkpoints and metrics use). Returns the wrapped parts, which the schedule runs."""
+        wrapped = [self.data_parallel(part) if self.dp_world_size > 1 else part for part in parts]
+        self.module = model
+        self.model = model
+        self.optimizer = build_optimizer(model)
+        return wrapped
+
     def unwrapped_model(self) -> nn.Module:
         """The plain model (for reading coefficients, metrics, MoE statistics)."""
         assert self.module is not None, "wrap() has not been called"
@@ -107,7 +122,7 @@ class Engine:
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
         parameters = list(self.unwrapped_model().parameters())
-        total_norm = global_gradient_norm(parameters, self.device)
+        total_norm = global_gradient_norm(parameters, self.device, self.mesh.pp_group)
         clip_gradients_(parameters, max_norm, total_norm)
         return total_norm
 
@@ -135,19 +150,19 @@ class Engine:
 
     # -- checkpoints
     def save_checkpoint(self, directory: Path) -> None:
-        state = canonical_state(self.unwrapped_model(), self.optimizer)
+        state = canonical_state(self.unwrapped_model(), self.optimizer, self.mesh.pp_group)
         save_dcp(directory, state, distributed=self.mesh.distributed)
 
     def save_checkpoint_async(self, directory: Path, group: Optional[dist.ProcessGroup]) -> Future:
         """Stage the state as `save_checkpoint` would, return once it is copied, and write it in the
         background (collectives on `group`); the future completes when the shards are written."""
-        state = canonical_state(self.unwrapped_model(), self.optimizer)
+        state = canonical_state(self.unwrapped_model(), self.optimizer, self.mesh.pp_group)
         return save_dcp_async(directory, state, distributed=self.mesh.distributed, group=group)
 
     def load_checkpoint(self, directory: Path, trust_checkpoint: bool = False) -> None:
         """Restore model and optimizer state. Nothing but tensors and known checkpoint classes is unpickled;
         `trust_checkpoint` (the user's `--trust-checkpoint`) lifts that for formats that need it (DeepSpeed)."""
-        state = canonical_state(self.unwrapped_model(), self.optimizer)
+        state = canonical_state(self.unwrapped_model(), self.optimizer, self.mesh.pp_group)
         load_dcp(directory, state, distributed=self.mesh.distributed)
         load_canonical_state(self.unwrapped_model(), self.optimizer, state)
 

@@ -43,6 +43,10 @@ def apply_fsdp(model: nn.Module, data_mesh: DeviceMesh, precision: str, cpu_offl
     if cpu_offload:
         # Pinned host memory makes the host<->GPU copies asynchronous; there is none to pin without a GPU.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    # Expert-parallel shards reduce their own gradients (expert_parallel.py) and stay out, as under DDP.
+    ignored_names = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    if ignored_names:
+        kwargs["ignored_params"] = {p for name, p in model.named_parameters() if name in ignored_names}
     for block in model.layers:
         fully_shard(block, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)
@@ -62,7 +66,8 @@ class FSDPEngine(Engine):
     @classmethod
     def check_config(cls, config: Config, world_size: int) -> None:
         distributed = config.distributed
-        dp = world_size // distributed.tp if world_size % distributed.tp == 0 else world_size
+        parallel = distributed.tp * distributed.pp
+        dp = world_size // parallel if world_size % parallel == 0 else world_size
         replicate = distributed.fsdp_replicate
         if replicate < 1 or dp % replicate:
             valid = ", ".join(str(d) for d in range(1, dp + 1) if dp % d == 0)
@@ -92,6 +97,11 @@ class FSDPEngine(Engine):
             )
         self.model = model
         self.optimizer = build_optimizer(model)
+
+    def data_parallel(self, model: nn.Module) -> nn.Module:
+        apply_fsdp(model, self.mesh.data_mesh, self.config.training.precision,
+                   self.config.distributed.fsdp_cpu_offload, self.device)
+        return model
 
     def micro_batch_context(self, is_last_micro_batch: bool) -> ContextManager:
         if self.mesh.distributed:

@@ -8,6 +8,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -30,8 +31,14 @@ def _gradient_groups(parameters: list[nn.Parameter]) -> dict[object, list[torch.
     return groups
 
 
-def global_gradient_norm(parameters: list[nn.Parameter], device: torch.device) -> torch.Tensor:
-    """L2 norm of all gradients over every shard and rank (a collective where gradients are sharded)."""
+def global_gradient_norm(parameters: list[nn.Parameter], device: torch.device,
+                         stage_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """L2 norm of all gradients over every shard and rank (a collective where gradients are sharded).
+    `stage_group`: the pipeline group, whose ranks hold disjoint parameters (their squares are summed)."""
+    if stage_group is not None:
+        squared = global_gradient_norm(parameters, device).to(device=device, dtype=torch.float32) ** 2
+        dist.all_reduce(squared, group=stage_group)
+        return squared.sqrt()
     groups = _gradient_groups(parameters)
     if not groups:
         return torch.zeros((), device=device)

@@ -10,6 +10,10 @@ Layout of W ranks with tensor-parallel degree tp and expert-parallel degree ep:
   `replicate × shard` (HSDP; plain FSDP has replicate 1, DDP has shard 1), flattened as `"dp"`.
 - `("expert_data", "expert")` (ep > 1): row i is the expert-parallel group of ranks `[i·ep, (i+1)·ep)`;
   column j (ranks j, j + ep, ...) holds the same experts and is data parallel for them.
+- Pipeline parallel degree pp > 1 (`pipeline.py`): the outermost dimension, `("pp", "replicate", "shard",
+  "tp")` (torchtitan's order): ranks `[s·W/pp, (s+1)·W/pp)` hold pipeline rank s, laid out inside as
+  above (the expert mesh too, within each pipeline rank); ranks with equal coordinates but pp form a
+  pipeline group.
 
 `check_parallel_dims` rejects degrees that cannot work, before any group exists; each engine adds its own
 limits (`Engine.check_config`).
@@ -30,6 +34,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from polycom_lm.config import Config
+from polycom_lm.distributed.pipeline import check_pipeline_config, global_batch_sequences
 from polycom_lm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -101,10 +106,11 @@ class ParallelDims:
     tp: int = 1
     ep: int = 1
     replicate: int = 1  # data-parallel replicas (HSDP); the rest of the dp ranks shard
+    pp: int = 1  # pipeline stages (ranks per pipeline); dp = world / (tp × pp)
 
     @property
     def dp(self) -> int:
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def shard(self) -> int:
@@ -125,6 +131,8 @@ def check_parallel_dims(config: Config, world_size: int) -> None:
             f"world size {world_size} is not divisible by distributed.tp={tp}; "
             f"use a tp that divides {world_size} (e.g. {_divisors(world_size)})"
         )
+    _check_pipeline_dims(config, world_size)
+    world_size //= distributed.pp  # tensor and expert groups lie within one pipeline rank
     if ep > 1:
         if model.family != "moe":
             raise ConfigError(f"distributed.ep={ep} needs model.family 'moe', got {model.family!r}; set ep to 1")
@@ -163,6 +171,28 @@ def check_parallel_dims(config: Config, world_size: int) -> None:
             )
 
 
+def _check_pipeline_dims(config: Config, world_size: int) -> None:
+    distributed = config.distributed
+    pp, tp = distributed.pp, distributed.tp
+    if pp < 1:
+        raise ConfigError(f"distributed.pp must be a positive integer, got {pp}")
+    if pp == 1:
+        return
+    if distributed.backend == "deepspeed":
+        raise ConfigError("distributed.backend=deepspeed does not compose with distributed.pp > 1 (DeepSpeed's "
+                          "own pipeline engine refuses ZeRO-2/3); use backend ddp or fsdp")
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by distributed.pp={pp} x distributed.tp={tp}; valid pp "
+            f"with this tp: {', '.join(str(d) for d in range(1, world_size // tp + 1) if (world_size // tp) % d == 0)}"
+        )
+    dp = world_size // (tp * pp)
+    global_batch = global_batch_sequences(config)
+    if global_batch % dp:
+        raise ConfigError(f"global batch of {global_batch} sequences does not split over {dp} data-parallel ranks")
+    check_pipeline_config(config, world_size, dp, global_batch // dp)
+
+
 class ParallelMesh:
     """The device meshes of one run over the default process group. On one process there is none: every
     group property is None and collectives are skipped by their callers."""
@@ -179,7 +209,16 @@ class ParallelMesh:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.dims.tp
+        return (self.rank % (self.dims.world_size // self.dims.pp)) // self.dims.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.dims.world_size // self.dims.pp)
+
+    @property
+    def pp_group(self) -> Optional[dist.ProcessGroup]:
+        """Group of this rank's pipeline (one rank per stage); None without pipeline parallelism."""
+        return self.world["pp"].get_group() if self.dims.pp > 1 else None
 
     @cached_property
     def world(self) -> Optional[DeviceMesh]:
@@ -187,9 +226,13 @@ class ParallelMesh:
         if not self.distributed:
             return None
         dims = self.dims
-        mesh = init_device_mesh(
-            self.device.type, (dims.replicate, dims.shard, dims.tp), mesh_dim_names=("replicate", "shard", "tp")
-        )
+        if dims.pp > 1:
+            mesh = init_device_mesh(self.device.type, (dims.pp, dims.replicate, dims.shard, dims.tp),
+                                    mesh_dim_names=("pp", "replicate", "shard", "tp"))
+        else:
+            mesh = init_device_mesh(
+                self.device.type, (dims.replicate, dims.shard, dims.tp), mesh_dim_names=("replicate", "shard", "tp")
+            )
         mesh["replicate", "shard"]._flatten("dp")
         return mesh
 
@@ -209,7 +252,7 @@ class ParallelMesh:
         """Group of the data-parallel ranks (the default group when there is no tensor parallelism)."""
         if not self.distributed:
             return None
-        return self.world["dp"].get_group() if self.dims.tp > 1 else dist.group.WORLD
+        return self.world["dp"].get_group() if self.dims.tp > 1 or self.dims.pp > 1 else dist.group.WORLD
 
     @cached_property
     def expert(self) -> Optional[DeviceMesh]:
@@ -217,6 +260,10 @@ class ParallelMesh:
         if self.dims.ep == 1 or not dist.is_initialized():
             return None
         dims = self.dims
+        if dims.pp > 1:
+            mesh = init_device_mesh(self.device.type, (dims.pp, dims.world_size // (dims.pp * dims.ep), dims.ep),
+                                    mesh_dim_names=("pp", "expert_data", "expert"))
+            return mesh["expert_data", "expert"]
         return init_device_mesh(
             self.device.type, (dims.world_size // dims.ep, dims.ep), mesh_dim_names=("expert_data", "expert")
         )

@@ -2,20 +2,21 @@
 order, read top to bottom (the shape of torchtitan's `parallelize_llama`):
 
     build_engine(config, device)           check every setting, create the process group and meshes
-    parallelize(model, config, engine, f)  tensor parallel → expert parallel → activation checkpointing
-                                           → compile → data parallelism (the engine's `wrap`) + optimizer
+    parallelize(model, config, engine, f)  pipeline split → tensor parallel → expert parallel → activation
+                                           checkpointing → compile → data parallelism (the engine's `wrap`,
+                                           per pipeline stage `wrap_stages`) + optimizer
 
 Each transformation is a plain function that changes the model in place; none of them changes the
-module tree or the parameter names (activation checkpointing and compile replace `forward` on the
-instance), so checkpoints, optimizer groups and Hugging Face conversion see the same names whatever
-was applied. The order matters where two meet: activation checkpointing wraps the tensor-parallel
+parameter names (the pipeline split only drops the modules other stages hold; activation checkpointing
+and compile replace `forward` on the instance), so checkpoints, optimizer groups and Hugging Face
+conversion see the same names whatever was applied. The order matters where two meet: activation checkpointing wraps the tensor-parallel
 forward, so a recomputation sees local coefficients and reduces PolyNorm's row sums again.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -32,6 +33,13 @@ from polycom_lm.distributed.mesh import (
     check_parallel_dims,
     init_process_group,
     launched_world_size,
+)
+from polycom_lm.distributed.pipeline import (
+    Pipeline,
+    StageModules,
+    global_batch_sequences,
+    pipeline_micro_batches,
+    split_model,
 )
 from polycom_lm.distributed.tensor_parallel import apply_tensor_parallel
 from polycom_lm.errors import ConfigError
@@ -61,8 +69,8 @@ def build_engine(config: Config, device: torch.device) -> Engine:
     cls = engine_class(config)
     owns_group = init_process_group(device, config.distributed.timeout_s, always=cls.needs_process_group)
     distributed = config.distributed
-    dp = world_size // distributed.tp
-    dims = ParallelDims(world_size, distributed.tp, distributed.ep, cls.replicate_degree(config, dp))
+    dp = world_size // (distributed.tp * distributed.pp)
+    dims = ParallelDims(world_size, distributed.tp, distributed.ep, cls.replicate_degree(config, dp), distributed.pp)
     return cls(config, device, ParallelMesh(dims, device, owns_process_group=owns_group))
 
 
@@ -70,6 +78,7 @@ def build_engine(config: Config, device: torch.device) -> Engine:
 class Parallelized:
     """What `parallelize` applied, for logs and tests."""
 
+    pipeline_stages: list[int] = field(default_factory=list)  # this rank's stages when distributed.pp > 1
     tensor_parallel: int = 1
     expert_parallel: Optional[ExpertParallel] = None
     activation_checkpointing: int = 0  # modules wrapped
@@ -82,15 +91,24 @@ def parallelize(model: nn.Module, config: Config, engine: Engine, build_optimize
     distributed, training = config.distributed, config.training
     mesh = engine.mesh
     applied = Parallelized()
-    if distributed.tp > 1:
-        apply_tensor_parallel(model, mesh.tp_mesh, sequence_parallel=distributed.sequence_parallel)
-        applied.tensor_parallel = distributed.tp
-    if distributed.ep > 1:
-        applied.expert_parallel = apply_expert_parallel(model, mesh.expert)
-    applied.activation_checkpointing = apply_activation_checkpointing(model, training.activation_checkpointing)
-    if training.compile:
-        applied.compiled_blocks = apply_compile(model)
-    engine.wrap(model, build_optimizer)
+    stages = split_model(model, config, mesh.pp_rank) if distributed.pp > 1 else [(0, model)]
+    for _, part in stages:
+        if distributed.tp > 1:
+            apply_tensor_parallel(part, mesh.tp_mesh, sequence_parallel=distributed.sequence_parallel)
+            applied.tensor_parallel = distributed.tp
+        if distributed.ep > 1:
+            applied.expert_parallel = apply_expert_parallel(part, mesh.expert)
+        applied.activation_checkpointing += apply_activation_checkpointing(part, training.activation_checkpointing)
+        if training.compile:
+            applied.compiled_blocks += apply_compile(part)
+    if distributed.pp == 1:
+        engine.wrap(model, build_optimizer)
+        return applied
+    parts = [part for _, part in stages]
+    wrapped = engine.wrap_stages(parts, StageModules(parts), build_optimizer)
+    engine.pipeline = Pipeline(config, stages, wrapped, mesh.pp_group, engine.device,
+                               pipeline_micro_batches(config, global_batch_sequences(config) // engine.dp_world_size))
+    applied.pipeline_stages = [stage for stage, _ in stages]
     return applied
 
 

@@ -12,13 +12,20 @@ tensor-parallel parameters as DTensors), with two layouts that are not the plain
 
 DCP stores global tensors with each shard's offset, so a checkpoint written by any engine, world size,
 TP or EP degree loads into any other: `load_canonical_state` applies the loaded canonical state back.
+
+Under pipeline parallelism (`stage_group`, the pp group) each rank holds some parameters only; DCP keys
+the optimizer's parameter groups by position, so every rank's groups are merged (by group name, in order
+of first appearance over the stages, which is the single-process order; each group listing every stage's
+parameters): the same list on every rank, as one process would write it. Loading matches groups to
+parameters by name and ignores the ones another stage holds, so any pp degree reads any other's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -33,16 +40,34 @@ from polycom_lm.distributed.tensor_parallel import (
 State = dict[str, Any]
 
 
-def canonical_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> State:
+def canonical_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    stage_group: Optional[dist.ProcessGroup] = None) -> State:
     """`{"model": ..., "optimizer": ...}` of `model` and `optimizer` in the canonical layout. The returned
-    dicts are new (the optimizer's own per-parameter dicts are copied, never modified)."""
+    dicts are new (the optimizer's own per-parameter dicts are copied, never modified). `stage_group`: the
+    pipeline group, whose ranks' parameter groups are merged (a collective)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": dict(model_state), "optimizer": dict(optimizer_state)}
     if "state" in optimizer_state:
         state["optimizer"]["state"] = {name: dict(moments) for name, moments in optimizer_state["state"].items()}
+    if stage_group is not None and "param_groups" in optimizer_state:
+        state["optimizer"]["param_groups"] = _merged_parameter_groups(optimizer_state["param_groups"], stage_group)
     _relayout_interleaved(model, state, interleaved_to_canonical)
     _map_local_shards(model, state, lambda tensor, layout: as_global(tensor, layout))
     return state
+
+
+def _merged_parameter_groups(groups: list[dict], stage_group: dist.ProcessGroup) -> list[dict]:
+    gathered: list[Optional[list[dict]]] = [None] * dist.get_world_size(stage_group)
+    dist.all_gather_object(gathered, groups, group=stage_group)
+    merged: dict[object, dict] = {}
+    for stage_groups in gathered:
+        for group in stage_groups or []:
+            key = group.get("name", len(merged))
+            if key not in merged:
+                merged[key] = {**group, "params": list(group["params"])}
+            else:
+                merged[key]["params"].extend(name for name in group["params"] if name not in merged[key]["params"])
+    return list(merged.values())
 
 
 def load_canonical_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: State) -> None:

@@ -189,7 +189,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     source of the parameter values."""
     tp = tp_mesh.size()
     check_tensor_parallel_widths(model, tp)
-    tied = model.output.weight is model.tok_embeddings.weight
+    # A pipeline stage may lack the embedding or the head (None).
+    tied = model.output is not None and model.tok_embeddings is not None and model.output.weight is model.tok_embeddings.weight
     if sequence_parallel and tied:
         raise ConfigError("distributed.sequence_parallel does not support model.tie_embeddings; untie or disable it")
     # With sequence parallelism the residual stream is Shard(1) between the sharded regions.
@@ -239,7 +240,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
                     f"activation {type(activation).__name__} has parameters in a submodule; the tensor "
                     "parallel plan only knows how to replicate an activation's own coefficients"
                 )
-    if not tied:
+    if not tied and model.output is not None:
         parallelize_module(
             model, tp_mesh,
             {"output": ColwiseParallel(input_layouts=residual, output_layouts=Replicate(), use_local_output=True)},

@@ -123,6 +123,8 @@ class Transformer(nn.Module):
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> torch.Tensor:
         h = self.hidden_states(input_ids, document_ids)
+        if self.output is None:  # a pipeline stage before the last: its hidden states go to the next stage
+            return h
         if targets is None:
             return self.output(h)
         return self.output(h, targets=targets, chunk_tokens=loss_chunk_tokens)
@@ -143,18 +145,23 @@ class Transformer(nn.Module):
         if cache is not None:
             return self._cached_hidden_states(input_ids, cache, lengths)
         seq_len = input_ids.shape[1]
-        if document_ids is not None and document_ids.shape != input_ids.shape:
+        if document_ids is not None and document_ids.shape != input_ids.shape[:2]:
             raise ValueError(
                 f"document_ids shape {tuple(document_ids.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
             )
         cos, sin = self.rope(seq_len)
         attention_mask = document_causal_mask(document_ids) if document_ids is not None else None
-        h = self.tok_embeddings(input_ids)
-        if self.config.hidden_dropout > 0 and self.training:  # Megatron-LM's embedding dropout
-            h = F.dropout(h, self.config.hidden_dropout, training=True)
+        # A pipeline stage (distributed/pipeline.py) holds only some modules: without the embedding its
+        # input is the previous stage's hidden states [batch, seq, d_model]; without the norm it returns them.
+        if self.tok_embeddings is None:
+            h = input_ids
+        else:
+            h = self.tok_embeddings(input_ids)
+            if self.config.hidden_dropout > 0 and self.training:  # Megatron-LM's embedding dropout
+                h = F.dropout(h, self.config.hidden_dropout, training=True)
         for layer in self.layers:
             h = layer(h, cos, sin, attention_mask)
-        return self.norm(h)
+        return self.norm(h) if self.norm is not None else h
 
     def _cached_hidden_states(
         self, input_ids: torch.Tensor, cache: KVCache, lengths: Optional[torch.Tensor]

@@ -48,6 +48,15 @@ def evaluate_set(trainer: "Trainer", shard: Path) -> tuple[float, int]:
             batch = {"input_ids": torch.zeros(1, config.training.seq_len + 1, dtype=torch.long)}
         tokens = batch["input_ids"].to(engine.device, non_blocking=True)
         document_ids = batch.get("document_ids")
+        if engine.pipeline is not None:  # forward through every stage; the last one's loss, on all
+            if document_ids is not None:
+                document_ids = document_ids[:, :-1].to(engine.device)
+            with trainer.autocast():
+                loss_sum = engine.pipeline.forward_loss_sum(tokens[:, :-1], tokens[:, 1:], document_ids, _loss_sum)
+            if index < len(batches):
+                totals[0] += loss_sum
+                totals[1] += tokens[:, 1:].numel()
+            continue
         with trainer.autocast():
             if document_ids is None:
                 logits = engine.model(tokens[:, :-1])
@@ -61,6 +70,10 @@ def evaluate_set(trainer: "Trainer", shard: Path) -> tuple[float, int]:
     totals = engine.all_reduce_sum(totals)
     loss_sum, count = totals.tolist()
     return (loss_sum / count if count else float("nan")), int(count)
+
+
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
 
 def evaluate(trainer: "Trainer", validation_sets: dict[str, Path]) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@ is the *sum* of this rank's token losses divided by the number of target tokens 
 (all-reduced), times `dp_world_size` because engines average gradients: the update equals the
 single-process update on the whole batch, and the logged loss is the exact global mean. MoE auxiliary
 losses (`model.last_aux_losses`, already weighted per micro-batch) are averaged over micro-batches.
+Under pipeline parallelism (`engine.pipeline`) the library's schedule runs the micro-batches instead, with
+the same loss function and normalisation (`distributed/pipeline.py`); everything else is this step.
 
 Non-finite loss or gradient norm: `skip` drops the update (the batch still counts as consumed) and counts
 it, and escalates to a stop after `training.max_consecutive_skips` in a row; `stop` saves a checkpoint of
@@ -248,7 +250,11 @@ class Trainer:
         aux_sum: Optional[torch.Tensor] = None
         model = engine.model
         unwrapped = engine.unwrapped_model()
-        for index in range(layout.accumulation_steps):
+        if engine.pipeline is not None:  # the schedule runs the micro-batches (distributed/pipeline.py)
+            self.progress.enter("pipeline schedule")
+            loss_sum, aux_names, aux_sum = self._pipeline_micro_batches(inputs, targets, document_ids, scale)
+        own_micro_batches = layout.accumulation_steps if engine.pipeline is None else 0
+        for index in range(own_micro_batches):
             rows = slice(index * layout.micro_batch_size, (index + 1) * layout.micro_batch_size)
             with engine.micro_batch_context(index == layout.accumulation_steps - 1):
                 kwargs = {} if document_ids is None else {"document_ids": document_ids[rows]}
@@ -311,6 +317,17 @@ class Trainer:
             aux_losses=dict(zip(aux_names, numbers[1:-1])),
         )
 
+    def _pipeline_micro_batches(self, inputs, targets, document_ids, scale):
+        """The pipeline's forward and backward of this rank's batch with the loss of the loop above:
+        (summed token loss, auxiliary loss names, their mean over micro-batches), all stages included."""
+        def losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            compiled = self._compiled_loss is not None and type(logits) is torch.Tensor
+            token_losses = (self._compiled_loss if compiled else token_loss_sum)(logits, target)
+            return token_losses, token_losses * scale.to(token_losses.dtype)
+
+        with self.autocast():
+            return self.engine.pipeline.train_step_micro_batches(inputs, targets, document_ids, losses)
+
     def _handle_nonfinite(self, result: StepResult, consecutive: int, stopping: bool) -> None:
         message = (
             f"non-finite loss or gradient norm at step {self.state.step} "
@@ -354,7 +371,10 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps,
         }
         row.update({f"aux/{name}": value for name, value in last.aux_losses.items()})
-        row.update(model_metrics(
+        metrics = model_metrics(
             self.engine.unwrapped_model(), self.engine.device, self.config.logging.log_activation_coefficients
-        ))
+        )
+        if self.engine.pipeline is not None:  # each stage owns some layers' coefficients and statistics
+            metrics = self.engine.pipeline.merge_metrics(metrics)
+        row.update(metrics)
         return row

@@ -79,18 +79,27 @@ def _fused_supported(parameters: list[torch.Tensor]) -> bool:
     )
 
 
+def _is_dtensor(parameter: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(parameter, DTensor)
+
+
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW over `model`'s parameter groups; fused when `config.fused` is None and the device allows."""
     groups = parameter_groups(model, config)
     parameters = [p for group in groups for p in group["params"]]
     fused = _fused_supported(parameters) if config.fused is None else config.fused
+    # Foreach kernels cannot mix DTensors with plain tensors (expert-parallel shards beside FSDP-replicated
+    # parameters of a pipeline stage): those take the per-parameter loop.
+    mixed = len({_is_dtensor(p) for p in parameters}) > 1
     optimizer = torch.optim.AdamW(
         groups,
         lr=config.lr,
         betas=(config.betas[0], config.betas[1]),
         eps=config.eps,
         fused=fused,
-        foreach=None if fused else True,
+        foreach=None if fused else not mixed,
     )
     counts = ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']):,}" for g in groups)
     logger.info("AdamW (%s): parameters per group: %s", "fused" if fused else "foreach", counts)

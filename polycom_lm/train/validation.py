@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from polycom_lm.activations import ACTIVATIONS
 from polycom_lm.config import Config
 from polycom_lm.distributed.parallelize import check_parallel_config
+from polycom_lm.distributed.pipeline import pipeline_micro_batches
 from polycom_lm.errors import ConfigError
 from polycom_lm.models import MODEL_FAMILIES
 from polycom_lm.train.stop import parse_duration, signal_numbers
@@ -35,7 +36,7 @@ class BatchLayout:
 
 
 def data_parallel_size(config: Config, world_size: int) -> int:
-    parallel = config.distributed.tp
+    parallel = config.distributed.tp * config.distributed.pp
     if world_size % parallel:
         raise ConfigError(
             f"distributed.tp={config.distributed.tp} does not divide the world size {world_size}"
@@ -67,6 +68,9 @@ def batch_layout(config: Config, world_size: int) -> BatchLayout:
             f"of {training.micro_batch_size * dp}"
         )
     local = global_batch // dp
+    if config.distributed.pp > 1:  # the pipeline's micro-batches (checked by check_parallel_config)
+        micro_batches = pipeline_micro_batches(config, local)
+        return BatchLayout(global_batch, dp, local, local // micro_batches, micro_batches, training.seq_len)
     return BatchLayout(global_batch, dp, local, training.micro_batch_size, local // training.micro_batch_size, training.seq_len)
 
 

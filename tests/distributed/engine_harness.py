@@ -165,15 +165,15 @@ def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int, fused_c
     return engine.all_reduce_sum(total).item(), norm
 
 
-def run_worker(nproc: int, scenario: str, output: Path, *extra: str, timeout_s: int = 300) -> None:
-    """Launch `engine_worker.py SCENARIO OUTPUT ...` on `nproc` gloo processes with torchrun."""
+def run_worker(nproc: int, scenario: str, output: Path, *extra: str, timeout_s: int = 300, worker: Path = WORKER) -> None:
+    """Launch `worker SCENARIO OUTPUT ...` (default `engine_worker.py`) on `nproc` gloo processes with torchrun."""
     environment = dict(os.environ)
     environment.setdefault("OMP_NUM_THREADS", "1")
     environment.setdefault("TORCH_EXTENSIONS_DIR", str(REPOSITORY / ".cache" / "torch_extensions"))
     environment["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), str(HERE), environment.get("PYTHONPATH", "")])
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        str(WORKER), scenario, str(output), *extra,
+        str(worker), scenario, str(output), *extra,
     ]
     completed = subprocess.run(
         command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=timeout_s

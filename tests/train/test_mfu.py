@@ -31,7 +31,7 @@ class _Stub:
         self.state = type("State", (), {"step": 3, "tokens": 300, "skipped_steps": 0})()
         self.config = type("Config", (), {"logging": type("L", (), {"log_activation_coefficients": False})()})()
         self.engine = type("Engine", (), {"unwrapped_model": lambda self: torch.nn.Linear(1, 1),
-                                          "device": torch.device("cpu")})()
+                                          "device": torch.device("cpu"), "pipeline": None})()
 
 
 @pytest.mark.parametrize("peak, expected_mfu", [(1e7, 1.0), (1e9, 0.05)])

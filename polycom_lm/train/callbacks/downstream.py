@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from polycom_lm.config import Config
+from polycom_lm.distributed.pipeline import PipelineForward
 from polycom_lm.eval import get_task
 from polycom_lm.eval.runner import evaluate
 from polycom_lm.train.loop import Callback, Trainer
@@ -83,13 +84,18 @@ class DownstreamEvaluationCallback(Callback):
         replicated = _replicated(plain, self.config)
         # Compiled blocks (training.compile) run eagerly here: the cached, padded inference shapes would
         # only add recompilations next to the training graph.
+        model = plain if replicated else engine.model
+        if engine.pipeline is not None:  # logits through a forward-only schedule; the last stage's results
+            model, replicated = PipelineForward(engine.pipeline, plain), False
         with trainer.autocast(), torch.compiler.set_stance("force_eager"):
             run = evaluate(
-                plain if replicated else engine.model, self.tokenizer, self.tasks,
+                model, self.tokenizer, self.tasks,
                 max_length=self.config.model.max_seq_len, batch_size=self.settings.batch_size,
                 wrapped=not replicated, rank=engine.dp_rank, world_size=engine.dp_world_size,
                 all_reduce_sum=engine.all_reduce_sum if engine.dp_world_size > 1 else None,
             )
+        if engine.pipeline is not None:
+            run = engine.pipeline.share_from_last_stage(run)
         rows: list[dict[str, Any]] = []
         for result in run.results:
             for metric, value in result.metrics.items():
