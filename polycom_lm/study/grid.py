@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from polycom_lm.config import Config, load_config
 from polycom_lm.errors import ConfigError, PolycomError, first_line
+from polycom_lm.study.ladder import BUDGET, SIZE, rule_settings
 from polycom_lm.study.spec import SEED_KEY, StudySpec, key_label, run_name, value_label
 from polycom_lm.train.validation import validate_config
 
@@ -65,9 +66,13 @@ def variant_label(assignment: dict[str, Any], spec: StudySpec) -> str:
 
 
 def assignments(spec: StudySpec) -> list[dict[str, Any]]:
-    """Every combination of grid values, the first grid key varying slowest."""
-    keys = list(spec.grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(spec.grid[key] for key in keys))]
+    """Every combination of axis values (a ladder's size and budget, then the grid's keys), the first
+    varying slowest. A ladder's runs always carry their budget, named or not."""
+    axes = {key: list(values) for key, values in spec.grid.items()}
+    if spec.ladder is not None:
+        axes = {SIZE: list(spec.ladder.sizes), BUDGET: [budget.label for budget in spec.ladder.budgets], **axes}
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[key] for key in keys))]
 
 
 def _variants(spec: StudySpec) -> list[dict[str, Any]]:
@@ -105,15 +110,35 @@ def _per_value_overrides(spec: StudySpec, assignment: dict[str, Any]) -> dict[st
     return merged
 
 
-def _build(spec: StudySpec, name: str, overrides: dict[str, Any], world_size: int) -> Config:
-    """The base config with `overrides` applied and validated for `world_size` processes."""
+def _build(spec: StudySpec, name: str, overrides: dict[str, Any], world_size: int, validate: bool = True) -> Config:
+    """The base config with `overrides` applied and (unless not `validate`) validated for `world_size` processes."""
     arguments = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
     try:
         config = load_config(spec.base, arguments)
-        validate_config(config, world_size)
+        if validate:
+            validate_config(config, world_size)
     except PolycomError as error:
         raise ConfigError(f"{spec.path}: run {name}: {first_line(error)}") from None
     return config
+
+
+def _run_overrides(spec: StudySpec, name: str, assignment: dict[str, Any], world_size: int,
+                   sweep: bool = False) -> dict[str, Any]:
+    """The study's overrides, the run's grid values and their per_value overrides; for a ladder then the
+    size's settings and what the ladder's rules give that size and budget (`ladder.rule_settings`)."""
+    grid_values = {key: value for key, value in assignment.items() if key in spec.grid}
+    overrides = {**spec.overrides, **grid_values, **_per_value_overrides(spec, assignment)}
+    if spec.ladder is None:
+        return overrides
+    size = assignment[SIZE]
+    overrides.update(spec.ladder.sizes[size])
+    budget = spec.ladder.budget(assignment.get(BUDGET, spec.ladder.budgets[0].label))
+    config = _build(spec, name, overrides, world_size, validate=False)
+    try:
+        rules = rule_settings(spec.ladder, config, size, budget, world_size, sweep)
+    except PolycomError as error:
+        raise ConfigError(f"{spec.path}: run {name}: {first_line(error)}") from None
+    return {**overrides, **rules}
 
 
 def _study_settings(spec: StudySpec, name: str, assignment: dict[str, Any], output_dir: Path,
@@ -153,7 +178,7 @@ def sweep_runs(spec: StudySpec, world_size: int = 1) -> list[PlannedRun]:
         for lr in lr_values(spec, world_size):
             name = f"{label}_lr-{value_label(lr)}"
             assignment = {**variant, **seed, sweep.key: lr}
-            overrides = {**spec.overrides, **variant, **seed, **_per_value_overrides(spec, variant),
+            overrides = {**_run_overrides(spec, name, {**variant, **seed}, world_size, sweep=True),
                          **sweep.overrides, sweep.key: lr}
             runs.append(_plan(spec, name, LR_SWEEP, assignment, label, overrides, world_size))
     _check_unique(runs, spec)
@@ -163,12 +188,12 @@ def sweep_runs(spec: StudySpec, world_size: int = 1) -> list[PlannedRun]:
 def main_runs(spec: StudySpec, chosen_lr: Optional[dict[str, float]] = None, world_size: int = 1) -> list[PlannedRun]:
     """One run per grid combination. Under select_lr, `chosen_lr` maps variant labels to their learning
     rates; a variant without one keeps the base value and is marked `lr_pending`."""
-    keys = list(spec.grid)
+    keys = spec.axis_keys
     runs = []
     for assignment in assignments(spec):
         name = run_name(assignment, keys)
         variant = variant_label({key: assignment[key] for key in spec.variant_keys}, spec)
-        overrides = {**spec.overrides, **assignment, **_per_value_overrides(spec, assignment)}
+        overrides = _run_overrides(spec, name, assignment, world_size)
         pending = False
         if spec.lr_sweep is not None:
             if chosen_lr is not None and variant in chosen_lr:
