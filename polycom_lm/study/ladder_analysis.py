@@ -57,8 +57,9 @@ class LadderPoint:
 def _where(points: Sequence[LadderPoint]) -> dict[str, str]:
     """activation → "sizes a, b" (and budgets), for refusals."""
     shown: dict[str, list[str]] = {}
+    several = len({point.budget for point in points}) > 1
     for point in points:
-        label = point.size if point.budget == "" else f"{point.size}/{point.budget}"
+        label = f"{point.size}/{point.budget}" if several else point.size
         shown.setdefault(point.activation, [])
         if label not in shown[point.activation]:
             shown[point.activation].append(label)
