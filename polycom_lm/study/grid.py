@@ -12,8 +12,10 @@ Layout of a study folder (`StudySpec.output_dir`)::
     timings.jsonl               wall time of each launch
 
 The overrides of a run are applied to the base config in this order: the study's `overrides`, the run's
-grid values, the `per_value` overrides of those values, then (sweep runs) `lr_sweep.overrides` and the
-candidate learning rate, or (main runs under `select_lr`) the chosen one. On top, the study sets
+grid values, the `per_value` overrides of those values, (ladders) the size's settings and what the
+ladder's rules give that size and budget (`ladder.rule_settings`), then (sweep runs) `lr_sweep.overrides`
+and the candidate learning rate, or (main runs under `select_lr`) the chosen one. A ladder's runs are
+named by size (and budget, when there are several) first: `size-d32L2_activation-polynorm_seed-0`. On top, the study sets
 `training.output_dir`, the wandb group (the study name, unless the overrides set one), run name and tags
 (`study:<name>` and each grid value as `key=value`).
 """
@@ -123,13 +125,14 @@ def _build(spec: StudySpec, name: str, overrides: dict[str, Any], world_size: in
 
 
 def _run_overrides(spec: StudySpec, name: str, assignment: dict[str, Any], world_size: int,
-                   sweep: bool = False) -> dict[str, Any]:
-    """The study's overrides, the run's grid values and their per_value overrides; for a ladder then the
-    size's settings and what the ladder's rules give that size and budget (`ladder.rule_settings`)."""
+                   sweep: bool = False) -> tuple[dict[str, Any], Optional[Config]]:
+    """(overrides, the config before the ladder's rules or None): the study's overrides, the run's grid
+    values and their per_value overrides; for a ladder then the size's settings and what the ladder's
+    rules give that size and budget (`ladder.rule_settings`)."""
     grid_values = {key: value for key, value in assignment.items() if key in spec.grid}
     overrides = {**spec.overrides, **grid_values, **_per_value_overrides(spec, assignment)}
     if spec.ladder is None:
-        return overrides
+        return overrides, None
     size = assignment[SIZE]
     overrides.update(spec.ladder.sizes[size])
     budget = spec.ladder.budget(assignment.get(BUDGET, spec.ladder.budgets[0].label))
@@ -138,7 +141,7 @@ def _run_overrides(spec: StudySpec, name: str, assignment: dict[str, Any], world
         rules = rule_settings(spec.ladder, config, size, budget, world_size, sweep)
     except PolycomError as error:
         raise ConfigError(f"{spec.path}: run {name}: {first_line(error)}") from None
-    return {**overrides, **rules}
+    return {**overrides, **rules}, config
 
 
 def _study_settings(spec: StudySpec, name: str, assignment: dict[str, Any], output_dir: Path,
@@ -156,11 +159,13 @@ def _study_settings(spec: StudySpec, name: str, assignment: dict[str, Any], outp
 
 
 def _plan(spec: StudySpec, name: str, phase: str, assignment: dict[str, Any], variant: str,
-          overrides: dict[str, Any], world_size: int, lr_pending: bool = False) -> PlannedRun:
+          overrides: dict[str, Any], world_size: int, lr_pending: bool = False,
+          preliminary: Optional[Config] = None) -> PlannedRun:
+    """`preliminary`: a config the base's wandb tags can be read from (a ladder's, before its rules)."""
     folder = spec.output_dir / (LR_SWEEP if phase == LR_SWEEP else "")
     output_dir = folder / "runs" / name
     config_path = folder / "configs" / f"{name}.yaml"
-    preliminary = _build(spec, name, overrides, world_size)
+    preliminary = preliminary or _build(spec, name, overrides, world_size)
     settings = _study_settings(spec, name, assignment, output_dir, overrides, list(preliminary.logging.wandb_tags or []))
     config = _build(spec, name, {**overrides, **settings}, world_size)
     return PlannedRun(name, phase, dict(assignment), variant, overrides, config, config_path, output_dir, lr_pending)
@@ -178,9 +183,9 @@ def sweep_runs(spec: StudySpec, world_size: int = 1) -> list[PlannedRun]:
         for lr in lr_values(spec, world_size):
             name = f"{label}_lr-{value_label(lr)}"
             assignment = {**variant, **seed, sweep.key: lr}
-            overrides = {**_run_overrides(spec, name, {**variant, **seed}, world_size, sweep=True),
-                         **sweep.overrides, sweep.key: lr}
-            runs.append(_plan(spec, name, LR_SWEEP, assignment, label, overrides, world_size))
+            overrides, preliminary = _run_overrides(spec, name, {**variant, **seed}, world_size, sweep=True)
+            overrides = {**overrides, **sweep.overrides, sweep.key: lr}
+            runs.append(_plan(spec, name, LR_SWEEP, assignment, label, overrides, world_size, preliminary=preliminary))
     _check_unique(runs, spec)
     return runs
 
@@ -193,14 +198,14 @@ def main_runs(spec: StudySpec, chosen_lr: Optional[dict[str, float]] = None, wor
     for assignment in assignments(spec):
         name = run_name(assignment, keys)
         variant = variant_label({key: assignment[key] for key in spec.variant_keys}, spec)
-        overrides = _run_overrides(spec, name, assignment, world_size)
+        overrides, preliminary = _run_overrides(spec, name, assignment, world_size)
         pending = False
         if spec.lr_sweep is not None:
             if chosen_lr is not None and variant in chosen_lr:
                 overrides[spec.lr_sweep.key] = chosen_lr[variant]
             else:
                 pending = True
-        runs.append(_plan(spec, name, MAIN, assignment, variant, overrides, world_size, pending))
+        runs.append(_plan(spec, name, MAIN, assignment, variant, overrides, world_size, pending, preliminary))
     _check_unique(runs, spec)
     return runs
 

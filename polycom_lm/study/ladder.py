@@ -282,19 +282,31 @@ def parse_ladder(raw: Any, study: Path, grid: dict[str, list[Any]], overrides: d
                   _schedule(raw.get("schedule"), study), _fit(raw.get("fit"), study))
 
 
+_COUNTS: dict[str, tuple[dict[str, int], int]] = {}
+
+
+def _counts(model_config) -> tuple[dict[str, int], int]:
+    """(parameter counts, parameters in weight matrices) of a model config, built once on `meta` per
+    distinct config (a ladder plans every size × activation × seed)."""
+    key = repr(model_config)
+    if key not in _COUNTS:
+        from polycom_lm.models import build_model
+        from polycom_lm.models.flops import count_parameters
+
+        model = build_model(model_config, device="meta")
+        _COUNTS[key] = (count_parameters(model), sum(p.numel() for p in model.parameters() if p.dim() >= 2))
+    return _COUNTS[key]
+
+
 def size_parameters(config: Config, baseline: str) -> dict[str, int]:
     """Parameter counts of `config`'s model with the baseline activation (the size's N)."""
-    from polycom_lm.models.flops import parameter_counts
-
-    return parameter_counts(dataclasses.replace(config.model, activation=baseline))
+    return dict(_counts(dataclasses.replace(config.model, activation=baseline))[0])
 
 
 def matrix_parameters(model_config) -> int:
     """Parameters in weight matrices (≥ 2-D): what parameter matching equalises (an activation's own few
     scalar coefficients, PolyNorm's w and b, are left out)."""
-    from polycom_lm.models import build_model
-
-    return sum(p.numel() for p in build_model(model_config, device="meta").parameters() if p.dim() >= 2)
+    return _counts(model_config)[1]
 
 
 def _micro_batch(global_batch: int, world_size: int, micro: int) -> int:
