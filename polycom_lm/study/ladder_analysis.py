@@ -11,7 +11,8 @@ multipliers against the baseline, a paired bootstrap over seeds and a held-out c
   cell's compute (no fit involved; none where the loss lies outside the baseline's range).
 - Bootstrap: each draw resamples the seeds of every (size, budget) cell with replacement, the same seeds
   for every activation (paired: activations that share a seed share its data order), and refits. 95%
-  intervals are the 2.5 / 97.5 percentiles of the draws; Δα = α − α_baseline "≠ 0" when its interval
+  intervals are the 2.5 / 97.5 percentiles of the draws, their spread widened by sqrt(n/(n − 1)) for n
+  seeds per cell (`interval`); Δα = α − α_baseline "≠ 0" when its interval
   excludes 0 (Δα > 0: the activation's advantage grows with compute).
 - Held out: the laws fitted without the largest size predict its cells' mean losses.
 """
@@ -148,10 +149,15 @@ def bootstrap_samples(points: Sequence[LadderPoint], draws: int, rng: np.random.
         yield sample
 
 
-def interval(values: Sequence[float]) -> tuple[float, float]:
+def interval(values: Sequence[float], estimate: float = math.nan, seeds: int = 0) -> tuple[float, float]:
+    """The 2.5 / 97.5 percentiles of bootstrap `values`. With `seeds` per cell (> 1) the draws' spread
+    around `estimate` is widened by sqrt(n / (n − 1)): resampling n seeds gives a mean (n − 1)/n of its
+    variance, which with 2 or 3 seeds would make every interval too narrow."""
     finite = np.array([v for v in values if math.isfinite(v)])
     if not len(finite):
         return math.nan, math.nan
+    if seeds > 1 and math.isfinite(estimate):
+        finite = estimate + math.sqrt(seeds / (seeds - 1)) * (finite - estimate)
     low, high = np.percentile(finite, INTERVAL)
     return float(low), float(high)
 
@@ -214,9 +220,10 @@ def analyse(points: Sequence[LadderPoint], baseline: Optional[str], draws: int =
             samples.append(_compute_statistics(fit_compute_law(sample, shared_E, start=fit), sample, baseline, targets))
         except FitRefused:
             continue
-    intervals = {key: interval([row.get(key, math.nan) for row in samples]) for key in estimate}
+    seeds = min(cell["n"] for cell in cell_means(points).values())
+    intervals = {key: interval([row.get(key, math.nan) for row in samples], estimate[key], seeds) for key in estimate}
     result: dict[str, Any] = {
-        "baseline": baseline, "draws": len(samples), "estimate": estimate, "intervals": intervals,
+        "baseline": baseline, "draws": len(samples), "seeds_per_cell": seeds, "estimate": estimate, "intervals": intervals,
         "targets": {name: values.tolist() for name, values in targets.items()},
         "residual_rms": float(np.sqrt(np.mean(fit.residuals**2))),
         "residual_max": float(np.max(np.abs(fit.residuals))), "converged": fit.converged,

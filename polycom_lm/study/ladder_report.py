@@ -102,7 +102,8 @@ def _fit_section(analysis: dict[str, Any], measured: str) -> list[str]:
              f"A and α per activation; Huber loss (δ = 1e-3) on log L, L-BFGS-B from a grid of 16 starts, bounds "
              f"E ∈ [0, min L], α ∈ [0.01, 2]. E = {_with_interval(estimate['E'], intervals['E'], '.4f')} nats. Brackets: "
              f"95% bootstrap intervals over {analysis['draws']} draws (seeds resampled within each size, paired across "
-             f"activations). Residuals: RMS {100 * analysis['residual_rms']:.2f}% of the loss, largest "
+             f"activations, each draw refitted; the draws' spread widened by √(n/(n−1)) for n = "
+             f"{analysis['seeds_per_cell']} seeds per cell). Residuals: RMS {100 * analysis['residual_rms']:.2f}% of the loss, largest "
              f"{100 * analysis['residual_max']:.2f}%{'' if analysis['converged'] else '; the optimiser did not report convergence'}.", ""]
     lines += _table(["activation", "A", "α", f"Δα = α − α_{baseline}" if baseline else "Δα", "the gap to the baseline"], rows)
     if analysis["draws"] and analysis["draws"] < 100:

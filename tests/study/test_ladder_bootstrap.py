@@ -55,8 +55,8 @@ def test_intervals_cover_the_true_exponent_and_multiplier():
         truth = true_multiplier(laws, target)
         covered["M"] += low <= truth <= high
         covered["false_M"] += low <= 1.5 * truth <= high  # a multiplier 50% off
-    # 4 seeds per cell: a percentile bootstrap over so few is somewhat narrow (its variance is (n−1)/n of the
-    # truth's), so the bar is 75% rather than 95%; observed here: 15 and 16 of 16.
+    # 4 seeds per cell: a bootstrap over so few seeds is itself uncertain (even with its spread widened by
+    # sqrt(n/(n−1)), see `interval`), so the bar is 75% rather than 95%; observed here: 15 and 16 of 16.
     assert covered["alpha"] >= 0.75 * repeats
     assert covered["M"] >= 0.75 * repeats
     assert covered["false_M"] <= 0.25 * repeats
