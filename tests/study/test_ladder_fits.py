@@ -12,6 +12,7 @@ import pytest
 from polycom_lm.study.fits import FitRefused, fit_power_law
 from polycom_lm.study.ladder_analysis import (
     LadderPoint,
+    analyse,
     fit_compute_law,
     fit_parameter_data_law,
     held_out,
@@ -128,3 +129,29 @@ def test_held_out_check_reports_the_error_of_the_largest_size():
     assert [round(row["relative_error"], 3) for row in report["rows"]] == [pytest.approx(-0.0196, abs=2e-3)] * 2
     refused = held_out([p for p in points() if p.size in ("s0", "s1", "s2")])
     assert "without size s2" in refused["skipped"]
+
+
+def test_separate_irreducible_losses_when_asked():
+    laws = {"swiglu": (1.6, 80.0, 0.15), "polynorm": (1.5, 60.0, 0.15)}
+    data = [LadderPoint(f"{a}-{i}", a, f"s{i}", "", 0, 1000 * (i + 1), 5000 * (i + 1), c / 1e6, 1e6, E_ + A * c**-alpha)
+            for a, (E_, A, alpha) in laws.items() for i, c in enumerate(COMPUTE)]
+    fit = fit_compute_law(data, shared_E=False)
+    assert not fit.shared_E
+    assert fit.E == pytest.approx([1.6, 1.5], rel=1e-3)
+    assert fit_compute_law(data).E[0] == fit_compute_law(data).E[1]  # shared by default
+
+
+def test_analyse_fits_parameters_and_data_when_sizes_have_several_budgets():
+    data = []
+    for activation, A in (("swiglu", 400.0), ("polynorm", 350.0)):
+        for n in np.logspace(5, 6.5, 4):
+            for multiple in (1, 4):
+                d = 20 * n * multiple
+                loss = 1.7 + A * n**-0.34 + 900 * d**-0.28
+                data.append(LadderPoint(f"{activation}-{n:g}-{multiple}", activation, f"n{n:.0f}", f"{multiple}x", 0,
+                                        int(n), int(n) + 10**6, d, 6 * n, loss))
+    result = analyse(data, "swiglu", draws=5)
+    fit = result["fits"]["parameters_data"]
+    assert fit.alpha[fit.index("polynorm")] == pytest.approx([0.34, 0.28], rel=0.05)
+    single = analyse([p for p in data if p.budget == "1x"], "swiglu", draws=5)
+    assert "parameters_data" not in single["fits"]  # one budget per size: D follows N, L(N, D) is not identified
