@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks the lower bounds in pyproject.toml: installs every direct dependency at exactly its declared floor
 # (pip resolves the rest as it would for a user) into a throwaway venv, then runs the tests that exercise
-# them (config, data, tokenizers, hub ids, streaming, the transformers conversions, wandb). torch is the
+# them (config, data, tokenizers, hub ids, streaming, the transformers conversions, wandb, the scipy fits). torch is the
 # exception: it is pinned by the setup scripts (torch==2.13.0), so its floor is not tested here.
 #   bash scripts/check_dependency_floors.sh [pytest arguments]     (downloads the old versions: minutes)
 set -euo pipefail
@@ -28,4 +28,4 @@ echo "floors: $(tr '\n' ' ' < "$work/floors.txt")" >&2
 export WANDB_MODE="${WANDB_MODE:-disabled}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_config.py tests/test_override_syntax.py \
     tests/test_dependency_floors.py tests/data tests/models/test_hf_olmoe.py tests/models/test_hf_llama_interop.py \
-    tests/models/test_moe_layer.py tests/train/test_wandb_precedence.py "$@"
+    tests/models/test_moe_layer.py tests/train/test_wandb_precedence.py tests/study/test_ladder_fits.py "$@"

@@ -63,3 +63,16 @@ def test_moe_configs_report_expert_width_and_fewer_active_parameters(capsys):
                   "model.moe.top_k=2", "model.moe.expert_hidden_size=64")
     assert report["expert_width"] == 64 and "ffn_width" not in report
     assert report["active_parameters"] < report["total_parameters"]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "polynorm", "relu"])
+def test_flops_by_part_count_every_ffn_matrix_attention_and_the_head(capsys, activation):
+    """Against the formulas written out: a gated FFN's three d×w matrices equal a non-gated one's two d×(3w/2)."""
+    report = info(capsys, ROOT / "configs" / "model" / "tiny.yaml", f"model.activation={activation}", "training.seq_len=64")
+    d, layers, heads, vocab, gated_width, seq = 64, 2, 4, 512, 128, 64  # configs/model/tiny.yaml
+    parts = report["training_flops_per_token_by_part"]
+    assert parts["ffn"] == 6 * layers * 3 * d * gated_width  # forward 2 per multiply-add, × 3 with backward
+    assert parts["attention_projections"] == 6 * layers * 4 * d * d
+    assert parts["attention_scores"] == 6 * layers * heads * (d // heads) * seq
+    assert parts["lm_head"] == 6 * d * vocab
+    assert sum(parts.values()) == report["training_flops_per_token"]

@@ -15,7 +15,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "report.json and PNG figures: training loss, validation loss / perplexity and downstream accuracy "
             "against tokens, throughput, a table per variant (mean ± std over seeds, difference to SwiGLU with "
             "its standard error), the learned PolyCom coefficients of every layer, and the analyses of "
-            "`polycom-lm analyze` where the runs have them."
+            "`polycom-lm analyze` where the runs have them. On a ladder study (a `ladder:` section): the tables "
+            "per size, the fit L(C) = E + A·C^(−α) per activation (and L(N, D) with several budgets), compute "
+            "multipliers against SwiGLU with bootstrap intervals over seeds, the held-out largest size and "
+            "loss-vs-compute / multiplier / residual figures."
         ),
     )
     parser.add_argument("paths", nargs="+", metavar="RUN_OR_STUDY", help="run folders and / or study folders")

@@ -17,7 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="print parameter counts and training FLOPs per token of a config (JSON)",
         description=(
             "Print, as JSON, the total, non-embedding and active parameters, the training FLOPs per token "
-            "at training.seq_len, the FFN (or expert) width and the activation of the model a config describes."
+            "at training.seq_len (in all and by part: attention projections, attention scores, FFN, LM head), the "
+            "FFN (or expert) width and the activation of the model a config describes."
         ),
     )
     parser.add_argument("config", help="experiment or model YAML file")
@@ -33,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def model_info(config) -> dict:
     """The JSON-ready summary `info` prints for a loaded `Config`."""
     from polycom_lm.models import ffn_width
-    from polycom_lm.models.flops import parameter_counts, training_flops_per_token
+    from polycom_lm.models.flops import parameter_counts, training_flops_breakdown
 
     model = config.model
     counts = parameter_counts(model)
@@ -46,8 +47,12 @@ def model_info(config) -> dict:
         "non_embedding_parameters": counts["non_embedding"],
         "active_parameters": counts["active"],
         "seq_len": config.training.seq_len,
-        "training_flops_per_token": training_flops_per_token(model, config.training.seq_len),
     }
+    breakdown = training_flops_breakdown(model, config.training.seq_len)
+    info["training_flops_per_token"] = sum(breakdown.values())
+    # By part: attention projections, causal attention scores, FFN (all its matrices), LM head; what a
+    # scaling ladder counts as compute (element-wise work, norms and the activations themselves, is not).
+    info["training_flops_per_token_by_part"] = breakdown
     if model.family == "moe":
         from polycom_lm.models.moe import expert_width
 

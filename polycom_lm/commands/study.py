@@ -50,12 +50,35 @@ def _dry_run(spec, nproc: int) -> int:
     sweep, main, selection = runner.plan(spec, nproc)
     print(f"study {spec.name}: {len(main)} runs" + (f" after an LR sweep of {len(sweep)} runs" if sweep else "")
           + f", in {spec.output_dir}")
+    if spec.ladder is not None:
+        _ladder_sizes(spec, main)
     for run in sweep + main:
         status = runner.run_status(run)
         state = status.state + (f" at step {status.step}" if status.state == runner.PARTIAL and status.step else "")
         lr = "lr chosen by the sweep" if run.lr_pending else f"lr {run.config.optimizer.lr:g}"
         print(f"  {run.phase:8s} {run.name:40s} {lr:24s} {run.config.training.max_steps:>7d} steps  {state}")
     return 0
+
+
+def _ladder_sizes(spec, main) -> None:
+    """One line per ladder size and budget: N, total parameters, tokens, FLOPs per token, steps and warmup."""
+    from polycom_lm.models.flops import training_flops_per_token
+    from polycom_lm.study.ladder import size_parameters
+
+    seen = set()
+    for run in main:
+        cell = (run.grid["size"], run.grid["budget"])
+        if cell in seen:
+            continue
+        seen.add(cell)
+        counts = size_parameters(run.config, spec.ladder.baseline)
+        training = run.config.training
+        tokens = training.max_steps * training.global_batch_size * training.seq_len
+        flops = training_flops_per_token(run.config.model, training.seq_len)
+        print(f"  size {cell[0]} ({cell[1]}): {counts['non_embedding']:,} non-embedding / {counts['total']:,} total "
+              f"parameters, {tokens:,} tokens, {flops / 1e6:.2f} MFLOPs/token ({flops * tokens:.2e} FLOPs), "
+              f"{training.max_steps} steps of {training.global_batch_size} x {training.seq_len}, warmup "
+              f"{run.config.schedule.warmup_steps}")
 
 
 def run(args: argparse.Namespace) -> int:

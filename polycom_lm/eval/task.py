@@ -62,6 +62,9 @@ class Task:
     name: str
     output_type: str = MULTIPLE_CHOICE
     metrics: tuple[str, ...] = ("acc",)  # what the harness reports for the task
+    # Accuracy of a uniform guess (1 / choices; ARC's few 3- and 5-choice questions are ignored), what a
+    # report compares `acc` / `acc_norm` with to say that a model is at chance; None: not meaningful.
+    chance: Optional[float] = None
     harness_file: str = ""  # the task's definition in lm-evaluation-harness (lm_eval/tasks/...)
     hub: tuple[str, Optional[str], str] = ("", None, "")  # (dataset path, config name, split) on the hub
     local_files: tuple[str, ...] = ()  # paths under --data-dir, the first being the examples

@@ -34,6 +34,7 @@ class HellaSwag(Task):
     the original schema (the full .bz2 in shared/data lost ctx_b's capitalisation, so it is not used)."""
 
     name = "hellaswag"
+    chance = 0.25
     metrics = ("acc", "acc_norm")
     harness_file = "hellaswag/hellaswag.yaml"
     hub = ("Rowan/hellaswag", None, "validation")
@@ -53,6 +54,7 @@ class _ARC(Task):
     choices = choices.text, gold = choices.label.index(answerKey); the test split, as the harness uses."""
 
     metrics = ("acc", "acc_norm")
+    chance = 0.25
     local_note = "the ARC test split in the schema of allenai/ai2_arc"
 
     def build(self, row):
@@ -88,6 +90,7 @@ class PIQA(Task):
     Local: the official dev set, the labels in a separate file, one per line."""
 
     name = "piqa"
+    chance = 0.5
     metrics = ("acc", "acc_norm")
     harness_file = "piqa/piqa.yaml"
     hub = ("baber/piqa", None, "validation")
@@ -113,6 +116,7 @@ class BoolQ(Task):
     "\\nQuestion: "."""
 
     name = "boolq"
+    chance = 0.5
     harness_file = "super_glue/boolq/default.yaml"
     hub = ("aps/super_glue", "boolq", "validation")
     local_files = ("llmfoundry_icl/boolq.jsonl",)
@@ -140,6 +144,7 @@ class Winogrande(Task):
     sentence with a blank after the options' common prefix: the requests are identical to the harness's."""
 
     name = "winogrande"
+    chance = 0.5
     harness_file = "winogrande/default.yaml"
     hub = ("allenai/winogrande", "winogrande_xl", "validation")
     local_files = ("llmfoundry_icl/winogrande.jsonl",)
@@ -173,6 +178,7 @@ class OpenBookQA(Task):
     gold}), the same 500 questions as AI2's test.tsv."""
 
     name = "openbookqa"
+    chance = 0.25
     metrics = ("acc", "acc_norm")
     harness_file = "openbookqa/openbookqa.yaml"
     hub = ("allenai/openbookqa", "main", "test")
@@ -201,6 +207,7 @@ class Lambada(Task):
     joined back with one space (no continuation holds a space, so the split is the same)."""
 
     name = "lambada"
+    chance = 0.0
     output_type = LOGLIKELIHOOD
     metrics = ("perplexity", "acc")
     harness_file = "lambada/lambada_openai.yaml"
@@ -230,6 +237,7 @@ class COPA(Task):
     harness's context."""
 
     name = "copa"
+    chance = 0.5
     harness_file = "super_glue/copa/default.yaml"
     hub = ("aps/super_glue", "copa", "validation")
     local_files = ("llmfoundry_icl/copa.jsonl",)

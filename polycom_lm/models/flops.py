@@ -60,18 +60,34 @@ def ffn_forward_flops_per_token(ffn: nn.Module) -> float:
     return 2.0 * sum(parameter.numel() for parameter in ffn.parameters() if parameter.dim() >= 2)
 
 
-def forward_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Forward FLOPs per token of a built model at sequence length `seq_len` (see the module docstring)."""
+def forward_flops_breakdown(model: nn.Module, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of a built model at sequence length `seq_len`, by part: attention
+    projections (q, k, v, o), causal attention scores and values, FFN (every matrix: SwiGLU's gate, up and
+    down; a non-gated activation's in and out; only the routed experts of an MoE), LM head."""
     config = model.config
     n_heads, _, head_dim = attention_shape(config)
-    flops = 2.0 * config.d_model * config.vocab_size  # LM head
+    parts = {"attention_projections": 0.0, "attention_scores": 0.0, "ffn": 0.0,
+             "lm_head": 2.0 * config.d_model * config.vocab_size}
     for layer in model.layers:
         attention = layer.attention
         projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
-        flops += 2.0 * sum(projection.weight.numel() for projection in projections)
-        flops += 2.0 * n_heads * head_dim * seq_len  # causal scores + values: 2·(2·H·Q)·(T/2)
-        flops += ffn_forward_flops_per_token(layer.ffn)
-    return flops
+        parts["attention_projections"] += 2.0 * sum(projection.weight.numel() for projection in projections)
+        parts["attention_scores"] += 2.0 * n_heads * head_dim * seq_len  # causal scores + values: 2·(2·H·Q)·(T/2)
+        parts["ffn"] += ffn_forward_flops_per_token(layer.ffn)
+    return parts
+
+
+def forward_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token of a built model at sequence length `seq_len` (see the module docstring)."""
+    return sum(forward_flops_breakdown(model, seq_len).values())
+
+
+def training_flops_breakdown(model_config: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward + backward FLOPs per token by part (`forward_flops_breakdown` × 3); they sum to
+    `training_flops_per_token`."""
+    from polycom_lm.models import build_model
+
+    return {part: 3.0 * flops for part, flops in forward_flops_breakdown(build_model(model_config, device="meta"), seq_len).items()}
 
 
 def training_flops_per_token(model_config: ModelConfig, seq_len: int) -> float:

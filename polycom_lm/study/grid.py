@@ -12,8 +12,10 @@ Layout of a study folder (`StudySpec.output_dir`)::
     timings.jsonl               wall time of each launch
 
 The overrides of a run are applied to the base config in this order: the study's `overrides`, the run's
-grid values, the `per_value` overrides of those values, then (sweep runs) `lr_sweep.overrides` and the
-candidate learning rate, or (main runs under `select_lr`) the chosen one. On top, the study sets
+grid values, the `per_value` overrides of those values, (ladders) the size's settings and what the
+ladder's rules give that size and budget (`ladder.rule_settings`), then (sweep runs) `lr_sweep.overrides`
+and the candidate learning rate, or (main runs under `select_lr`) the chosen one. A ladder's runs are
+named by size (and budget, when there are several) first: `size-d32L2_activation-polynorm_seed-0`. On top, the study sets
 `training.output_dir`, the wandb group (the study name, unless the overrides set one), run name and tags
 (`study:<name>` and each grid value as `key=value`).
 """
@@ -28,6 +30,7 @@ from typing import Any, Optional
 
 from polycom_lm.config import Config, load_config
 from polycom_lm.errors import ConfigError, PolycomError, first_line
+from polycom_lm.study.ladder import BUDGET, SIZE, rule_settings
 from polycom_lm.study.spec import SEED_KEY, StudySpec, key_label, run_name, value_label
 from polycom_lm.train.validation import validate_config
 
@@ -65,9 +68,13 @@ def variant_label(assignment: dict[str, Any], spec: StudySpec) -> str:
 
 
 def assignments(spec: StudySpec) -> list[dict[str, Any]]:
-    """Every combination of grid values, the first grid key varying slowest."""
-    keys = list(spec.grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(spec.grid[key] for key in keys))]
+    """Every combination of axis values (a ladder's size and budget, then the grid's keys), the first
+    varying slowest. A ladder's runs always carry their budget, named or not."""
+    axes = {key: list(values) for key, values in spec.grid.items()}
+    if spec.ladder is not None:
+        axes = {SIZE: list(spec.ladder.sizes), BUDGET: [budget.label for budget in spec.ladder.budgets], **axes}
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[key] for key in keys))]
 
 
 def _variants(spec: StudySpec) -> list[dict[str, Any]]:
@@ -105,15 +112,36 @@ def _per_value_overrides(spec: StudySpec, assignment: dict[str, Any]) -> dict[st
     return merged
 
 
-def _build(spec: StudySpec, name: str, overrides: dict[str, Any], world_size: int) -> Config:
-    """The base config with `overrides` applied and validated for `world_size` processes."""
+def _build(spec: StudySpec, name: str, overrides: dict[str, Any], world_size: int, validate: bool = True) -> Config:
+    """The base config with `overrides` applied and (unless not `validate`) validated for `world_size` processes."""
     arguments = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
     try:
         config = load_config(spec.base, arguments)
-        validate_config(config, world_size)
+        if validate:
+            validate_config(config, world_size)
     except PolycomError as error:
         raise ConfigError(f"{spec.path}: run {name}: {first_line(error)}") from None
     return config
+
+
+def _run_overrides(spec: StudySpec, name: str, assignment: dict[str, Any], world_size: int,
+                   sweep: bool = False) -> tuple[dict[str, Any], Optional[Config]]:
+    """(overrides, the config before the ladder's rules or None): the study's overrides, the run's grid
+    values and their per_value overrides; for a ladder then the size's settings and what the ladder's
+    rules give that size and budget (`ladder.rule_settings`)."""
+    grid_values = {key: value for key, value in assignment.items() if key in spec.grid}
+    overrides = {**spec.overrides, **grid_values, **_per_value_overrides(spec, assignment)}
+    if spec.ladder is None:
+        return overrides, None
+    size = assignment[SIZE]
+    overrides.update(spec.ladder.sizes[size])
+    budget = spec.ladder.budget(assignment.get(BUDGET, spec.ladder.budgets[0].label))
+    config = _build(spec, name, overrides, world_size, validate=False)
+    try:
+        rules = rule_settings(spec.ladder, config, size, budget, world_size, sweep)
+    except PolycomError as error:
+        raise ConfigError(f"{spec.path}: run {name}: {first_line(error)}") from None
+    return {**overrides, **rules}, config
 
 
 def _study_settings(spec: StudySpec, name: str, assignment: dict[str, Any], output_dir: Path,
@@ -131,11 +159,13 @@ def _study_settings(spec: StudySpec, name: str, assignment: dict[str, Any], outp
 
 
 def _plan(spec: StudySpec, name: str, phase: str, assignment: dict[str, Any], variant: str,
-          overrides: dict[str, Any], world_size: int, lr_pending: bool = False) -> PlannedRun:
+          overrides: dict[str, Any], world_size: int, lr_pending: bool = False,
+          preliminary: Optional[Config] = None) -> PlannedRun:
+    """`preliminary`: a config the base's wandb tags can be read from (a ladder's, before its rules)."""
     folder = spec.output_dir / (LR_SWEEP if phase == LR_SWEEP else "")
     output_dir = folder / "runs" / name
     config_path = folder / "configs" / f"{name}.yaml"
-    preliminary = _build(spec, name, overrides, world_size)
+    preliminary = preliminary or _build(spec, name, overrides, world_size)
     settings = _study_settings(spec, name, assignment, output_dir, overrides, list(preliminary.logging.wandb_tags or []))
     config = _build(spec, name, {**overrides, **settings}, world_size)
     return PlannedRun(name, phase, dict(assignment), variant, overrides, config, config_path, output_dir, lr_pending)
@@ -153,9 +183,9 @@ def sweep_runs(spec: StudySpec, world_size: int = 1) -> list[PlannedRun]:
         for lr in lr_values(spec, world_size):
             name = f"{label}_lr-{value_label(lr)}"
             assignment = {**variant, **seed, sweep.key: lr}
-            overrides = {**spec.overrides, **variant, **seed, **_per_value_overrides(spec, variant),
-                         **sweep.overrides, sweep.key: lr}
-            runs.append(_plan(spec, name, LR_SWEEP, assignment, label, overrides, world_size))
+            overrides, preliminary = _run_overrides(spec, name, {**variant, **seed}, world_size, sweep=True)
+            overrides = {**overrides, **sweep.overrides, sweep.key: lr}
+            runs.append(_plan(spec, name, LR_SWEEP, assignment, label, overrides, world_size, preliminary=preliminary))
     _check_unique(runs, spec)
     return runs
 
@@ -163,19 +193,19 @@ def sweep_runs(spec: StudySpec, world_size: int = 1) -> list[PlannedRun]:
 def main_runs(spec: StudySpec, chosen_lr: Optional[dict[str, float]] = None, world_size: int = 1) -> list[PlannedRun]:
     """One run per grid combination. Under select_lr, `chosen_lr` maps variant labels to their learning
     rates; a variant without one keeps the base value and is marked `lr_pending`."""
-    keys = list(spec.grid)
+    keys = spec.axis_keys
     runs = []
     for assignment in assignments(spec):
         name = run_name(assignment, keys)
         variant = variant_label({key: assignment[key] for key in spec.variant_keys}, spec)
-        overrides = {**spec.overrides, **assignment, **_per_value_overrides(spec, assignment)}
+        overrides, preliminary = _run_overrides(spec, name, assignment, world_size)
         pending = False
         if spec.lr_sweep is not None:
             if chosen_lr is not None and variant in chosen_lr:
                 overrides[spec.lr_sweep.key] = chosen_lr[variant]
             else:
                 pending = True
-        runs.append(_plan(spec, name, MAIN, assignment, variant, overrides, world_size, pending))
+        runs.append(_plan(spec, name, MAIN, assignment, variant, overrides, world_size, pending, preliminary))
     _check_unique(runs, spec)
     return runs
 

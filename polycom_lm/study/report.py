@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from polycom_lm.errors import ConfigError
 from polycom_lm.study import plots
+from polycom_lm.study.ladder_report import by_size, is_ladder, ladder_palette, ladder_sections
 from polycom_lm.study.runs import FINAL_FRACTION, RunRecord, collect, study_variant
 from polycom_lm.study.statistics import (
     BASELINE_ACTIVATION,
@@ -29,7 +30,8 @@ from polycom_lm.study.statistics import (
 
 MARKER = "<!-- written by polycom-lm compare; regenerated on every run -->"
 REPORT_FILES = ("report.md", "report.json", "train_loss.png", "validation.png", "downstream.png", "throughput.png",
-                "effective_rank.png", "cosine_similarity.png")
+                "effective_rank.png", "cosine_similarity.png", "ladder_loss_compute.png", "ladder_multiplier.png",
+                "ladder_residuals.png", "ladder_curves.png")
 
 
 def _timings(studies: list[dict[str, Any]]) -> dict[str, float]:
@@ -74,7 +76,7 @@ def _lr_section(studies: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _results_section(stats: dict[str, dict[str, Any]], baseline: Optional[str]) -> list[str]:
+def _results_section(stats: dict[str, dict[str, Any]], baseline: Optional[str], where: str = "") -> list[str]:
     sets = sorted({name for values in stats.values() for name in values["validation"]})
     tasks = sorted({name for values in stats.values() for name in values["downstream"]})
     header = ["variant", "seeds", "parameters", "peak lr", "tokens/s", "final train loss"]
@@ -87,7 +89,7 @@ def _results_section(stats: dict[str, dict[str, Any]], baseline: Optional[str]) 
         row += [values["validation"][name].text() if name in values["validation"] else "—" for name in sets]
         row += [values["downstream"][name].text() if name in values["downstream"] else "—" for name in tasks]
         rows.append(row)
-    lines = ["", "## Results (mean ± standard deviation over seeds)", ""] + _table(header, rows)
+    lines = ["", f"## Results{where} (mean ± standard deviation over seeds)", ""] + _table(header, rows)
     lines += ["", f"Final train loss: mean of the logged training losses over the last {FINAL_FRACTION:.0%} of the "
               f"steps; validation and downstream: the last evaluation; tokens/s: the median over logged steps, "
               f"the first left out (compilation and warm-up). Standard deviations are sample (n − 1) ones."]
@@ -100,7 +102,7 @@ def _results_section(stats: dict[str, dict[str, Any]], baseline: Optional[str]) 
               + ["Δ tokens/s"])
     rows = [[variant] + [deltas[variant][m].text(0 if m == "tokens_per_s" else 4) if m in deltas[variant] else "—"
                          for m in metrics] for variant in stats if variant != baseline]
-    lines += ["", f"## Difference to the {baseline} baseline", "",
+    lines += ["", f"## Difference to the {baseline} baseline{where}", "",
               "Variant mean minus baseline mean ± the standard error of that difference, sqrt(s²/n + s_b²/n_b) "
               "(lower loss is better; with one seed no uncertainty can be given).", ""]
     lines += _table(["variant"] + labels, rows)
@@ -131,8 +133,35 @@ def _analysis_section(groups: dict[str, list[RunRecord]]) -> list[str]:
     return lines + ["", "![effective rank](effective_rank.png)", "", "![cosine similarity](cosine_similarity.png)"]
 
 
+def _per_size_sections(records: list[RunRecord], studies: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(the results tables of each ladder size, notes on runs of one size that differ in more than the
+    activation); runs outside ladders get the plain tables."""
+    lines: list[str] = []
+    notes: list[str] = []
+    laddered: set[str] = set()
+    for study in studies:
+        if not is_ladder(study):
+            continue
+        mine = [record for record in records if record.study == study["name"]]
+        for label, by_activation in by_size(mine, study["ladder"]).items():
+            size_records = [run for runs in by_activation.values() for run in runs]
+            laddered.update(run.name for run in size_records)
+            stats = {activation: variant_statistics(runs) for activation, runs in by_activation.items()}
+            base = BASELINE_ACTIVATION if BASELINE_ACTIVATION in by_activation else None
+            lines += _results_section(stats, base, f" at size {label}")
+            notes += [f"size {label}: {note}" for note in consistency_notes(size_records, by_activation)]
+    rest = [record for record in records if record.name not in laddered]
+    if rest:
+        groups = group_by_variant(rest)
+        lines += _results_section({v: variant_statistics(runs) for v, runs in groups.items()}, baseline_variant(groups),
+                                  " outside the ladder" if laddered else "")
+        notes += consistency_notes(rest, groups)
+    return lines, notes
+
+
 def render(records: list[RunRecord], notes: list[str], studies: list[dict[str, Any]], figures: dict[str, Path],
-           sources: list[str]) -> tuple[str, dict[str, Any]]:
+           sources: list[str], ladder_lines: Optional[list[str]] = None,
+           ladder_summary: Optional[dict[str, Any]] = None) -> tuple[str, dict[str, Any]]:
     groups = group_by_variant(records)
     stats = {variant: variant_statistics(runs) for variant, runs in groups.items()}
     baseline = baseline_variant(groups)
@@ -153,11 +182,16 @@ def render(records: list[RunRecord], notes: list[str], studies: list[dict[str, A
         lines += ["", f"Wall time of the training runs: {total_seconds / 60:.1f} min"
                   + (f", plus {sweep_seconds / 60:.1f} min for the LR sweep" if sweep_seconds else "")
                   + " (sums of each launch's time, from the studies' timings.jsonl)."]
-    all_notes = notes + consistency_notes(records, groups)
+    if ladder_lines is not None:
+        results, size_notes = _per_size_sections(records, studies)
+        all_notes = notes + size_notes
+    else:
+        results, all_notes = _results_section(stats, baseline), notes + consistency_notes(records, groups)
     if all_notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in all_notes]
     lines += _lr_section(studies)
-    lines += _results_section(stats, baseline)
+    lines += ladder_lines or []
+    lines += results
     lines += ["", "## Curves", ""]
     for name, caption in (("train_loss", "training loss"), ("validation", "validation loss"),
                           ("downstream", "downstream accuracy"), ("throughput", "throughput")):
@@ -177,6 +211,7 @@ def render(records: list[RunRecord], notes: list[str], studies: list[dict[str, A
         "differences": ({variant: {m: d.to_json() for m, d in row.items()} for variant, row in differences(stats, baseline).items()}
                         if baseline else None),
         "runs": {run.name: {"path": str(run.path), "variant": run.variant, "seed": run.seed} for run in records},
+        "ladder": ladder_summary,
     }
     return "\n".join(lines) + "\n", summary
 
@@ -195,11 +230,20 @@ def write_report(paths: list[Path], out: Path, force: bool = False) -> dict[str,
     try:
         groups = group_by_variant(records)
         palette = plots.colours(list(groups))
-        figures: dict[str, Path] = {"train_loss": plots.training_loss(groups, palette, staging / "train_loss.png")}
-        for name, draw in (("validation", plots.validation), ("downstream", plots.downstream)):
-            path = draw(groups, palette, staging / f"{name}.png")
-            if path is not None:
-                figures[name] = path
+        figures: dict[str, Path] = {}
+        ladder_lines: Optional[list[str]] = None
+        ladder_summary: dict[str, Any] = {}
+        for study in filter(is_ladder, studies):
+            mine = [record for record in records if record.study == study["name"]]
+            lines, ladder_summary[study["name"]], drawn = ladder_sections(mine, study, staging, ladder_palette(mine))
+            ladder_lines = (ladder_lines or []) + lines
+            figures.update(drawn)
+        if ladder_lines is None:  # a ladder's curves are drawn per size instead (ladder_curves.png)
+            figures["train_loss"] = plots.training_loss(groups, palette, staging / "train_loss.png")
+            for name, draw in (("validation", plots.validation), ("downstream", plots.downstream)):
+                path = draw(groups, palette, staging / f"{name}.png")
+                if path is not None:
+                    figures[name] = path
         figures["throughput"] = plots.throughput(groups, palette, staging / "throughput.png")
         for variant, runs in groups.items():
             safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in variant)
@@ -207,7 +251,8 @@ def write_report(paths: list[Path], out: Path, force: bool = False) -> dict[str,
             if path is not None:
                 figures[f"coefficients/{variant}"] = path
         plots.analysis(groups, palette, staging)
-        text, summary = render(records, notes, studies, figures, [str(p) for p in paths])
+        text, summary = render(records, notes, studies, figures, [str(p) for p in paths], ladder_lines,
+                               ladder_summary or None)
         (staging / "report.md").write_text(text, encoding="utf-8")
         (staging / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         for stale in out.glob("coefficients_*.png"):

@@ -20,6 +20,7 @@ A study file (YAML)::
     analyze: true                            # `polycom-lm analyze` every finished run
     report_dir: docs/study_cpu               # where `compare` writes the report (default: <output_dir>/report)
     launcher: {nproc_per_node: 2, slurm: {partition: gpu, time: "24:00:00", gpus_per_node: 8}}
+    ladder: {sizes: {...}, budget: {...}, lr: {...}}   # a scaling ladder: a size axis and per-size rules (ladder.py)
 
 Every key named in `overrides`, `grid`, `per_value` and `lr_sweep` must be a key of the config schema; an
 unknown one is a one-line `ConfigError` naming the study file and the closest valid key.
@@ -27,21 +28,20 @@ unknown one is a one-line `ConfigError` naming the study file and the closest va
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from polycom_lm.config import Config
 from polycom_lm.config.loading import safe_yaml_load
 from polycom_lm.errors import ConfigError
+from polycom_lm.study.ladder import Ladder, parse_ladder
+from polycom_lm.study.keys import check_key, config_keys, mapping, only  # noqa: F401 (config_keys: re-exported)
+from polycom_lm.study.keys import overrides as key_overrides
 
 STUDY_KEYS = (
     "name", "base", "output_dir", "overrides", "grid", "per_value", "select_lr", "lr_sweep", "analyze",
-    "report_dir", "launcher",
+    "report_dir", "launcher", "ladder",
 )
 LR_SWEEP_KEYS = ("key", "values", "overrides", "validation_set")
 LAUNCHER_KEYS = ("nproc_per_node", "slurm")
@@ -71,11 +71,17 @@ class StudySpec:
     report_dir: Optional[Path] = None
     nproc_per_node: int = 1
     slurm: dict[str, Any] = field(default_factory=dict)
+    ladder: Optional[Ladder] = None  # a scaling ladder (see `ladder.py`): size (and budget) axes before the grid
+
+    @property
+    def axis_keys(self) -> list[str]:
+        """The keys that name a run: the ladder's axes (size, budget), then the grid's keys."""
+        return (self.ladder.axes if self.ladder else []) + list(self.grid)
 
     @property
     def variant_keys(self) -> list[str]:
-        """The grid keys that define a variant: all but the seed (runs differing only in seed are repeats)."""
-        return [key for key in self.grid if key != SEED_KEY]
+        """The keys that define a variant: all but the seed (runs differing only in seed are repeats)."""
+        return [key for key in self.axis_keys if key != SEED_KEY]
 
 
 def value_label(value: Any) -> str:
@@ -102,62 +108,14 @@ def run_name(assignment: dict[str, Any], keys: list[str]) -> str:
     return "_".join(f"{_name_part(key_label(key, keys))}-{_name_part(value_label(assignment[key]))}" for key in keys)
 
 
-def config_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
-    """Every dotted key of the config schema → its annotation (sections included)."""
-    keys: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for item in dataclasses.fields(cls):
-        dotted = f"{prefix}{item.name}"
-        keys[dotted] = hints[item.name]
-        if dataclasses.is_dataclass(hints[item.name]):
-            keys.update(config_keys(hints[item.name], dotted + "."))
-    return keys
-
-
-def check_key(key: Any, where: str, study: Path) -> str:
-    """`key` if it names a config setting, else a one-line ConfigError with the closest valid key."""
-    valid = config_keys()
-    if isinstance(key, str) and key in valid:
-        if dataclasses.is_dataclass(valid[key]):
-            raise ConfigError(f"{study}: {where} {key!r} is a config section, not a setting; name a key inside it")
-        return key
-    close = difflib.get_close_matches(str(key), list(valid), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"{study}: {where} {key!r} is not a config key{hint}; keys are dotted paths of the config schema, "
-        f"e.g. model.activation, training.seed, optimizer.lr"
-    )
-
-
-def _mapping(value: Any, where: str, study: Path) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{study}: {where} must be a mapping, got {value!r}")
-    return value
-
-
-def _overrides(value: Any, where: str, study: Path) -> dict[str, Any]:
-    mapping = _mapping(value, where, study)
-    return {check_key(key, f"{where} key", study): item for key, item in mapping.items()}
-
-
-def _only(mapping: dict, allowed: tuple[str, ...], where: str, study: Path) -> None:
-    for key in mapping:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{study}: unknown {where} key {key!r}{hint}; valid: {', '.join(allowed)}")
-
-
 def load_study(path: Path) -> StudySpec:
     """Read and check a study file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file not found: {path}")
     raw = safe_yaml_load(path.read_text(encoding="utf-8"), str(path))
-    raw = _mapping(raw, "the top level", path)
-    _only(raw, STUDY_KEYS, "study", path)
+    raw = mapping(raw, "the top level", path)
+    only(raw, STUDY_KEYS, "study", path)
     if not raw.get("base"):
         raise ConfigError(f"{path}: 'base' is missing; name the experiment config the runs start from")
     base = (path.parent / str(raw["base"])).resolve()
@@ -168,12 +126,12 @@ def load_study(path: Path) -> StudySpec:
         raise ConfigError(f"{path}: name {name!r} may hold only letters, digits and . _ + -")
     grid = _grid(raw.get("grid"), path)
     per_value = _per_value(raw.get("per_value"), grid, path)
-    overrides = _overrides(raw.get("overrides"), "overrides", path)
+    overrides = key_overrides(raw.get("overrides"), "overrides", path)
     lr_sweep = _lr_sweep(raw, grid, per_value, overrides, path)
-    launcher = _mapping(raw.get("launcher"), "launcher", path)
-    _only(launcher, LAUNCHER_KEYS, "launcher", path)
-    slurm = _mapping(launcher.get("slurm"), "launcher.slurm", path)
-    _only(slurm, SLURM_KEYS, "launcher.slurm", path)
+    launcher = mapping(raw.get("launcher"), "launcher", path)
+    only(launcher, LAUNCHER_KEYS, "launcher", path)
+    slurm = mapping(launcher.get("slurm"), "launcher.slurm", path)
+    only(slurm, SLURM_KEYS, "launcher.slurm", path)
     nproc = launcher.get("nproc_per_node", 1)
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ConfigError(f"{path}: launcher.nproc_per_node must be a positive integer, got {nproc!r}")
@@ -182,13 +140,15 @@ def load_study(path: Path) -> StudySpec:
         raise ConfigError(f"{path}: analyze must be true or false, got {analyze!r}")
     output_dir = Path(str(raw.get("output_dir") or f"runs/studies/{name}"))
     report_dir = Path(str(raw["report_dir"])) if raw.get("report_dir") else None
+    ladder = (parse_ladder(raw["ladder"], path, grid, overrides, lr_sweep is not None)
+              if raw.get("ladder") is not None else None)
     return StudySpec(path.resolve(), name, base, output_dir, overrides, grid, per_value, lr_sweep, analyze,
-                     report_dir, nproc, dict(slurm))
+                     report_dir, nproc, dict(slurm), ladder)
 
 
 def _grid(value: Any, study: Path) -> dict[str, list[Any]]:
     example = "e.g. grid: {model.activation: [relu, polynorm], training.seed: [0, 1]}"
-    grid_raw = _mapping(value, "grid", study)
+    grid_raw = mapping(value, "grid", study)
     if not grid_raw:
         raise ConfigError(f"{study}: the grid is empty; name at least one config key with a list of values, {example}")
     grid: dict[str, list[Any]] = {}
@@ -208,18 +168,18 @@ def _grid(value: Any, study: Path) -> dict[str, list[Any]]:
 
 def _per_value(value: Any, grid: dict[str, list[Any]], study: Path) -> dict[str, dict[str, dict[str, Any]]]:
     result: dict[str, dict[str, dict[str, Any]]] = {}
-    for key, by_value in _mapping(value, "per_value", study).items():
+    for key, by_value in mapping(value, "per_value", study).items():
         if key not in grid:
             raise ConfigError(f"{study}: per_value key {key!r} is not a grid key; grid keys: {', '.join(grid)}")
         labels = [value_label(v) for v in grid[key]]
         result[key] = {}
-        for grid_value, overrides in _mapping(by_value, f"per_value.{key}", study).items():
+        for grid_value, overrides in mapping(by_value, f"per_value.{key}", study).items():
             label = value_label(grid_value)
             if label not in labels:
                 raise ConfigError(
                     f"{study}: per_value.{key} names {label!r}, which is not among the grid's values ({', '.join(labels)})"
                 )
-            result[key][label] = _overrides(overrides, f"per_value.{key}.{label}", study)
+            result[key][label] = key_overrides(overrides, f"per_value.{key}.{label}", study)
     return result
 
 
@@ -227,8 +187,8 @@ def _lr_sweep(raw: dict, grid: dict, per_value: dict, overrides: dict, study: Pa
     select = raw.get("select_lr", False)
     if not isinstance(select, bool):
         raise ConfigError(f"{study}: select_lr must be true or false, got {select!r}")
-    settings = _mapping(raw.get("lr_sweep"), "lr_sweep", study)
-    _only(settings, LR_SWEEP_KEYS, "lr_sweep", study)
+    settings = mapping(raw.get("lr_sweep"), "lr_sweep", study)
+    only(settings, LR_SWEEP_KEYS, "lr_sweep", study)
     if not select:
         if settings:
             raise ConfigError(f"{study}: lr_sweep is given but select_lr is not true; set select_lr: true or drop lr_sweep")
@@ -252,7 +212,7 @@ def _lr_sweep(raw: dict, grid: dict, per_value: dict, overrides: dict, study: Pa
             raise ConfigError(f"{study}: lr_sweep.values must be numbers, got {settings['values']!r}") from None
         if any(not v > 0 for v in values) or len(set(values)) != len(values):
             raise ConfigError(f"{study}: lr_sweep.values must be distinct positive numbers, got {values!r}")
-    sweep_overrides = _overrides(settings.get("overrides"), "lr_sweep.overrides", study)
+    sweep_overrides = key_overrides(settings.get("overrides"), "lr_sweep.overrides", study)
     if key in sweep_overrides:
         raise ConfigError(f"{study}: lr_sweep.overrides sets {key}, which the sweep varies; list it in lr_sweep.values")
     validation_set = settings.get("validation_set")

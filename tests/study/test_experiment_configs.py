@@ -49,3 +49,24 @@ def test_olmoe_follows_the_official_config_with_a_decay_horizon_far_beyond_the_r
     lr = build_schedule(schedule, config.training.max_steps, tokens_per_step)
     assert lr.multiplier(tokens_per_step) == pytest.approx(0.1, abs=1e-3)  # warmup starts at 0.1 × lr
     assert lr.multiplier(config.training.max_steps * tokens_per_step) > 0.99  # nearly constant over 200B tokens
+
+
+def test_the_cpu_ladder_has_five_activations_at_sizes_spanning_16x_on_the_cpu_studys_data():
+    import dataclasses
+
+    from polycom_lm.models.flops import parameter_counts
+
+    spec = load_study(EXPERIMENTS / "ladder_cpu" / "study.yaml")
+    runs = main_runs(spec)
+    assert set(spec.grid["model.activation"]) == {"relu", "gelu", "swiglu", "polyrelu", "polynorm"}
+    assert len(spec.grid["training.seed"]) in (2, 3)
+    sizes = {run.grid["size"]: parameter_counts(dataclasses.replace(run.config.model, activation="swiglu"))["non_embedding"]
+             for run in runs}
+    assert len(sizes) >= 4 and max(sizes.values()) / min(sizes.values()) >= 16
+    cpu_study = load_config(EXPERIMENTS / "study_cpu" / "base.yaml")
+    for run in runs:
+        training = run.config.training
+        tokens_per_step = training.global_batch_size * training.seq_len
+        assert abs(training.max_steps * tokens_per_step - 20 * sizes[run.grid["size"]]) <= tokens_per_step / 2
+        assert run.config.data == cpu_study.data  # TinyStories, its tokenizer and validation split
+        assert run.config.schedule.name == "cosine" and run.config.schedule.decay_steps == 0  # ends with the run
