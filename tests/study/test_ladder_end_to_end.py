@@ -21,16 +21,17 @@ from study_helpers import write_study
 
 @pytest.fixture
 def train_in_process(monkeypatch):
-    """`subprocess.call([python, -m, polycom_lm.cli, train, ...])` in the runner becomes `cli([train, ...])`."""
+    """The runner's `train` subprocess (`runner._train([python, -m, polycom_lm.cli, train, ...])`) becomes
+    `cli([train, ...])` in this process."""
     launched = []
 
-    def call(command, stdout=None, stderr=None, env=None):
+    def train(command, log, environment):
         assert command[:3] == [sys.executable, "-m", "polycom_lm.cli"] and command[3] == "train", command
         launched.append(command[4])
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
-            return cli(command[3:])
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return cli(command[3:]), None  # (exit status, no stop signal forwarded)
 
-    monkeypatch.setattr(runner.subprocess, "call", call)
+    monkeypatch.setattr(runner, "_train", train)
     # The MFU peak (timed 2048³ matmuls, a second a run here) is not what these runs are about.
     monkeypatch.setattr("polycom_lm.train.run.peak_flops", lambda device, precision: PeakFlops(1e11, "fixed in the test"))
     return launched
