@@ -33,7 +33,6 @@ from typing import Callable, Optional
 
 from polycom_lm.errors import CheckpointError
 from polycom_lm import faults
-from polycom_lm.faults import CRASH_ENVIRONMENT  # noqa: F401  (where the tests import it from)
 
 logger = logging.getLogger(__name__)
 

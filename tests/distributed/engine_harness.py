@@ -201,3 +201,23 @@ def run_single_process_deepspeed(body: str, *arguments: str, timeout_s: int = 60
     environment.setdefault("TORCH_EXTENSIONS_DIR", str(REPOSITORY / ".cache" / "torch_extensions"))
     return subprocess.run([sys.executable, "-c", script, *arguments], env=environment, capture_output=True,
                           text=True, timeout=timeout_s)
+
+
+def finish_worker(results: dict, output: Path) -> None:
+    """The end of a multi-process worker: rank 0 writes `results` as JSON to `output`, every rank leaves the
+    process group, and the process exits without the interpreter's teardown. (With several DeepSpeed
+    engines alive, a background C++ thread torn down out of order at exit can abort a rank ("terminate
+    called without an active exception") after every result is written; that says nothing about what the
+    test measures.)"""
+    import json
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        output.write_text(json.dumps(results, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

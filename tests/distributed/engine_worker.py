@@ -8,8 +8,6 @@ side compares them with single-process references.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from engine_harness import build_optimizer, build_tiny_model, engine_step, fixed_batch, tiny_config
+from engine_harness import build_optimizer, build_tiny_model, engine_step, finish_worker, fixed_batch, tiny_config
 from polycom_lm.distributed.parallelize import build_engine, parallelize
 from polycom_lm.distributed.tensor_parallel import interleaved_parameter_degrees, interleaved_to_canonical
 
@@ -222,18 +220,7 @@ SCENARIOS = {"engines": scenario_engines, "fsdp_tp": scenario_fsdp_tp, "deepspee
 def main() -> None:
     scenario, output = sys.argv[1], Path(sys.argv[2])
     shared = Path(sys.argv[3]) if len(sys.argv) > 3 else output.parent
-    results = SCENARIOS[scenario](output, shared)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        output.write_text(json.dumps(results, indent=1))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    # Skip the interpreter's teardown: with several DeepSpeed engines alive, a background C++ thread torn
-    # down out of order at exit can abort a rank ("terminate called without an active exception") after
-    # every result is written; that says nothing about what the test measures.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_worker(SCENARIOS[scenario](output, shared), output)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ one process (no pipeline), which the tests compare against.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,6 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from engine_harness import finish_worker
 from polycom_lm.config import Config, config_from_dict
 from polycom_lm.distributed.gradients import clip_gradients_, global_gradient_norm
 from polycom_lm.distributed.parallelize import build_engine, check_parallel_config
@@ -225,14 +225,7 @@ SCENARIOS = {"pp2": scenario_pp2, "pp4": scenario_pp4}
 def main() -> None:
     scenario, output, shared = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     dist.init_process_group("gloo")
-    results = SCENARIOS[scenario](shared)
-    if dist.get_rank() == 0:
-        output.write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_worker(SCENARIOS[scenario](shared), output)
 
 
 if __name__ == "__main__":

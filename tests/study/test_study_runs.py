@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from polycom_lm.checkpoint.folders import CRASH_ENVIRONMENT
+from polycom_lm.faults import CRASH_ENVIRONMENT
 from polycom_lm.cli import main as cli
 from polycom_lm.study import runner
 from polycom_lm.study.grid import main_runs

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from polycom_lm.checkpoint.folders import CRASH_ENVIRONMENT
+from polycom_lm.faults import CRASH_ENVIRONMENT
 from trainer_test_helpers import REPO, cli_environment, run_cli, run_config, train_in_background, train_rows, write_config
 
 pytestmark = pytest.mark.slow
