@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         config, resume=args.resume, overwrite=args.overwrite, extra_callbacks=extra,
         trust_checkpoint=args.trust_checkpoint,
     )
+    if result.stopped is not None:
+        _ignore_stop_signals(config.training.stop_signals)
     if rank == 0 and result.stopped is not None:
         print(f"stopped after step {result.final_step} ({result.stopped.describe()}): checkpoint "
               f"{result.checkpoints_dir / f'step_{result.final_step}'} is complete; run the same command to continue")
@@ -93,3 +95,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"checkpoints: {result.checkpoints_dir} (latest: {result.checkpoints_dir / 'latest'})")
         print(f"config:      {result.output_dir / 'config.yaml'}")
     return 0
+
+
+
+def _ignore_stop_signals(names: list[str]) -> None:
+    """After a stop's checkpoint is complete, a further stop signal has nothing left to stop: ignore it, so
+    that one landing while the process exits (as a second SIGTERM of a scheduler does) leaves the exit
+    status at 128 + the first signal instead of killing the process."""
+    import signal
+
+    from polycom_lm.train.stop import signal_numbers
+
+    for number in signal_numbers(names):
+        signal.signal(number, signal.SIG_IGN)

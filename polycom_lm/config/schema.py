@@ -220,6 +220,9 @@ class TrainingConfig:
     # Wall-clock budget of one launch, e.g. "3h50m", "90m", "45s": the run stops and saves before it, counting
     # the longest step and the longest save measured so far; exits 0 and continues when started again.
     time_limit: Optional[str] = None
+    # After a stop signal, a rank that makes no progress for this long (a collective whose peers are gone, as
+    # when torchrun restarts the group after a lost worker) exits at once instead of waiting for them.
+    stop_grace_seconds: float = 60.0
     # Write checkpoints in the background: the state is staged to CPU memory at the step, training goes on
     # while it is written, at most one save in flight; `latest` moves only once the write is complete.
     async_checkpoint: bool = False

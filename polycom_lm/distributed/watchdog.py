@@ -130,12 +130,15 @@ class Watchdog:
     """See the module docstring. `start()` after the process group exists; `close()` when training ends."""
 
     def __init__(self, progress: Progress, timeout_s: float, rank: int, world_size: int,
-                 store: Optional[dist.Store] = None):
+                 store: Optional[dist.Store] = None, stop_requests=None, stop_grace_s: float = 60.0):
         self.progress = progress
+        # After a stop signal: exit when stuck this long outside a checkpoint (see _check_stop_grace).
+        self.stop_requests = stop_requests
+        self.stop_grace_s = stop_grace_s
         self.timeout_s = timeout_s
         self.rank = rank
         self.world_size = world_size
-        self.interval_s = min(max(timeout_s / 10.0, 0.2), 10.0)
+        self.interval_s = max(min(timeout_s / 10.0, stop_grace_s / 4.0, 10.0), 0.2)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         base = store if store is not None else dist.distributed_c10d._get_default_store()
         # Keys of one launch attempt: a torchrun restart must not read the abort of the attempt before.
@@ -182,12 +185,27 @@ class Watchdog:
                 self._publish()
                 if self.peer_abort() is not None:
                     os._exit(EXIT_PEER_FAILED)
+                self._check_stop_grace()
                 if time.monotonic() - self.progress.since > self.timeout_s:
                     self._check_hang()
             except Exception:  # noqa: BLE001  a store that went away: the job is ending anyway
                 if self._stop.is_set():
                     return
                 logger.debug("watchdog: store not reachable", exc_info=True)
+
+    def _check_stop_grace(self) -> None:
+        """A stop signal arrived and this rank has not moved since for `stop_grace_s` (outside a checkpoint,
+        which may take long): its peers are gone (torchrun stops every worker with SIGTERM to restart the
+        group after one died), so finishing the step would wait for them; exit now. The last complete
+        checkpoint stands."""
+        stop = self.stop_requests
+        if stop is None or stop.received is None or self.progress.phase == "checkpoint":
+            return
+        stuck_s = time.monotonic() - max(stop.received_at, self.progress.since)
+        if stuck_s > self.stop_grace_s:
+            logger.warning("no progress for %.0f s since the stop signal, in %s: the other ranks are gone; exiting "
+                           "without a new checkpoint (the last complete one stands)", stuck_s, describe(self.progress.snapshot()))
+            os._exit(128 + stop.received)
 
     def _check_hang(self) -> None:
         mine = self.progress.snapshot()

@@ -76,6 +76,7 @@ OPERATIONAL_KEYS = (
     "distributed.timeout_seconds",
     "training.stop_signals",
     "training.time_limit",
+    "training.stop_grace_seconds",
     "training.async_checkpoint",  # the same state, written in the background
 )
 

@@ -259,7 +259,9 @@ def run_training(
             trainer.last_saved_step = state.step  # do not re-save the checkpoint we started from
         trainer.stop_requests = stop_requests
         if world_size > 1:
-            watchdog = trainer.watchdog = Watchdog(trainer.progress, config.distributed.timeout_s, rank, world_size).start()
+            watchdog = trainer.watchdog = Watchdog(trainer.progress, config.distributed.timeout_s, rank, world_size,
+                                                   stop_requests=stop_requests,
+                                                   stop_grace_s=config.training.stop_grace_seconds).start()
         stop_requests.install()
         logger.info(
             "training %s (%s) for %d steps: %d sequences x %d tokens per step, %d micro-batches of %d per rank "
@@ -273,20 +275,23 @@ def run_training(
         return RunResult(output_dir, output_dir / METRICS_FILE, checkpoints_dir, state.step,
                          recorder.train_row, recorder.evaluation, trainer.stopped)
     finally:
-        stop_requests.uninstall()
-        if async_checkpointer is not None:
-            async_checkpointer.close()
-        if watchdog is not None:
-            watchdog.close()
-        for callback in callbacks:
-            try:
-                callback.close()
-            except Exception:  # closing one sink must not hide the error that ended training
-                logger.exception("closing %s failed", type(callback).__name__)
-        if dataset is not None:
-            dataset.close()  # a streaming dataset's reader and tokeniser processes
-        lock.release()
-        engine.close()
+        try:
+            if async_checkpointer is not None:
+                async_checkpointer.close()
+            if watchdog is not None:
+                watchdog.close()
+            for callback in callbacks:
+                try:
+                    callback.close()
+                except Exception:  # closing one sink must not hide the error that ended training
+                    logger.exception("closing %s failed", type(callback).__name__)
+            if dataset is not None:
+                dataset.close()  # a streaming dataset's reader and tokeniser processes
+            lock.release()
+            engine.close()
+        finally:
+            # Last: a stop signal during this clean-up is still the run's (the CLI then ignores further ones).
+            stop_requests.uninstall()
 
 
 def _resume(

@@ -102,6 +102,7 @@ class StopRequests:
         except ValueError:
             raise ConfigError(f"{START_TIME_ENVIRONMENT}={started!r} is not a number of seconds since the epoch") from None
         self.received: Optional[int] = None
+        self.received_at = 0.0  # time.monotonic() of the first signal
         self.saving = False
         self.longest_interval_s = 0.0
         self.longest_save_s = 0.0
@@ -131,6 +132,7 @@ class StopRequests:
         name = signal.Signals(number).name
         if self.received is None:
             self.received = number
+            self.received_at = time.monotonic()
             logger.warning("received %s: finishing this step, then saving a checkpoint and stopping", name)
         elif self.saving:
             logger.warning("received %s again while the checkpoint is being written; the save goes on", name)

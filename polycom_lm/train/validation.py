@@ -122,6 +122,7 @@ def validate_config(config: Config, world_size: int = 1) -> BatchLayout:
     if training.param_dtype == "bf16" and training.precision != "bf16":
         raise ConfigError("training.param_dtype=bf16 needs training.precision=bf16")
     signal_numbers(training.stop_signals)
+    _positive(training.stop_grace_seconds, "training.stop_grace_seconds")
     if training.time_limit is not None:
         parse_duration(training.time_limit, "training.time_limit")
     if config.distributed.timeout_seconds is not None:
