@@ -39,7 +39,12 @@ usage_if_no_config() {
 #   workers write before it kills them (torch >= the release whose torchrun has --signals-to-handle).
 # - POLYCOM_LM_START_TIME: the launch's start, from which `training.time_limit` counts, the same for
 #   workers torchrun restarts.
+# - TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: each attempt's workers get a fresh key-value store (hosted by rank
+#   0). torchrun otherwise shares its rendezvous store with the workers for the whole job, and after a
+#   restart the new process group read the dead workers' addresses from it ("Gloo connectFullMesh failed
+#   ... Connection refused", or a hang): the restart after a lost worker failed or hung about one time in three.
 export POLYCOM_LM_START_TIME="${POLYCOM_LM_START_TIME:-$(date +%s)}"
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 torchrun_lifecycle_arguments() {
     TORCHRUN_LIFECYCLE=(--max-restarts="${MAX_RESTARTS:-3}")
     local run_py

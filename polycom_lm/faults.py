@@ -6,8 +6,10 @@ check is one dictionary lookup.
   (`complete`, `between-renames`, `latest`, `async-write`; `checkpoint/folders.py`).
 - `POLYCOM_LM_FAULT=ACTION:RANK:STEP[:SECONDS]`: when step STEP has read its batch, on global rank RANK,
   `sleep` SECONDS (a stalled rank), `kill` (SIGKILL itself: a lost worker) or `fail` (raise a DataError: a
-  rank whose input broke). Only in a launch's first attempt: workers that torchrun restarts
-  (`TORCHELASTIC_RESTART_COUNT` > 0) run clean, as a replaced node would.
+  rank whose input broke). Only in a process that started the run at step 1: workers that torchrun
+  restarts, and runs started again, resume from a checkpoint and run clean, as a replaced node would.
+  (Not `TORCHELASTIC_RESTART_COUNT`: torchrun raises it only on the agent that lost the worker, and the
+  ranks of the next round may sit on other nodes.)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 CRASH_ENVIRONMENT = "POLYCOM_LM_CRASH_AT"
 FAULT_ENVIRONMENT = "POLYCOM_LM_FAULT"
 _ACTIONS = ("sleep", "kill", "fail")
+_first_step = None  # the first step this process trained (1: it started the run)
 
 
 def crash_point(name: str) -> None:
@@ -37,8 +40,13 @@ def crash_point(name: str) -> None:
 
 def step_fault(rank: int, step: int) -> None:
     """Apply `POLYCOM_LM_FAULT` if it names this rank and step (see the module docstring)."""
+    global _first_step
     wanted = os.environ.get(FAULT_ENVIRONMENT)
-    if not wanted or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    if not wanted:
+        return
+    if _first_step is None:
+        _first_step = step
+    if _first_step != 1:
         return
     parts = wanted.split(":")
     try:

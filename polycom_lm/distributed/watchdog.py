@@ -12,6 +12,8 @@ thread per rank publishes that progress to the c10d store of the default process
   (a collective inside the forward pass, as DDP's and FSDP's, waits for a rank still computing there),
   the line says so: the phases cannot tell them apart. A phase that long would hit the backend's own
   timeout as well, so it ends the run either way.
+- The store stopped answering for longer than the timeout (its host, rank 0's process or torchrun's
+  agent, has gone: the job has ended). This rank exits with `EXIT_PEER_FAILED`.
 - Another rank claimed the abort key (a hang, or a failure: `report_failure`, called by the trainer when
   a step raises on this rank). This rank then exits with `EXIT_PEER_FAILED`, printing nothing: the rank
   that failed speaks for the run. Only a rank blocked in a collective gets here; one whose collective
@@ -30,6 +32,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -43,6 +46,7 @@ EXIT_HANG = 3  # a collective waited longer than distributed.timeout_*
 EXIT_PEER_FAILED = 4  # another rank failed or hung; it printed why
 
 ABORT_KEY = "abort"
+STORE_LOST_MIN_S = 10.0  # see Watchdog._check_store_lost
 # Phases in which a rank only waits for the others: all ranks there together past the timeout is a hang.
 COLLECTIVE_PHASES = frozenset({"token count all-reduce", "loss all-reduce", "gradient norm", "stop decision",
                                "checkpoint barrier"})
@@ -126,6 +130,18 @@ def _ranges(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks) or "none"
 
 
+def attempt_token() -> str:
+    """A name for this attempt of the job that every rank agrees on: rank 0's random token, broadcast.
+
+    Not `TORCHELASTIC_RESTART_COUNT`: torchrun counts only the restarts an agent caused itself, so after a
+    lost worker the agent that lost it says 1 and the agents that restarted for the new rendezvous round
+    say 0. And the store may outlive an attempt (torchrun's shared rendezvous store, when
+    `TORCH_DISABLE_SHARE_RDZV_TCP_STORE` is not 1), so the keys need a name of their own."""
+    token = [uuid.uuid4().hex[:16] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    return str(token[0])
+
+
 class Watchdog:
     """See the module docstring. `start()` after the process group exists; `close()` when training ends."""
 
@@ -139,10 +155,9 @@ class Watchdog:
         self.rank = rank
         self.world_size = world_size
         self.interval_s = max(min(timeout_s / 10.0, stop_grace_s / 4.0, 10.0), 0.2)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         base = store if store is not None else dist.distributed_c10d._get_default_store()
-        # Keys of one launch attempt: a torchrun restart must not read the abort of the attempt before.
-        self.store = dist.PrefixStore(f"polycom_lm/watchdog/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{restart}/", base)
+        # Keys of this attempt only: a group that torchrun restarted must not read the abort of the one before.
+        self.store = dist.PrefixStore(f"polycom_lm/watchdog/{attempt_token() if store is None else 'test'}/", base)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="polycom-watchdog", daemon=True)
 
@@ -162,6 +177,7 @@ class Watchdog:
         line = f"rank {self.rank} failed in {describe(self.progress.snapshot())}: {message}"
         try:
             self.store.compare_set(ABORT_KEY, "", json.dumps({"rank": self.rank, "line": line}))
+            self._await_acknowledgements()
         except Exception:  # noqa: BLE001  the store may be gone with the job; the failure itself is what matters
             logger.debug("could not publish the failure to the other ranks", exc_info=True)
 
@@ -179,19 +195,58 @@ class Watchdog:
     def _publish(self) -> None:
         self.store.set(f"rank/{self.rank}", json.dumps(self.progress.snapshot()))
 
+    def acknowledge(self) -> None:
+        """This rank saw another rank's abort and is exiting (what rank 0 waits for before it exits)."""
+        try:
+            self.store.set(f"ack/{self.rank}", "1")
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _await_acknowledgements(self) -> None:
+        """On rank 0, whose process hosts the workers' store: wait (at most two intervals) for the other
+        ranks to read the abort before this process exits and the store with it. A rank blocked outside a
+        collective (a stalled loader) then exits at once, silently, instead of when the store's loss counts."""
+        if self.rank != 0:
+            return
+        deadline = time.monotonic() + 2 * self.interval_s + 1.0
+        keys = [f"ack/{r}" for r in range(1, self.world_size)]
+        while time.monotonic() < deadline:
+            try:
+                if self.store.check(keys):
+                    return
+            except Exception:  # noqa: BLE001
+                return
+            time.sleep(min(self.interval_s / 2, 0.5))
+
     def _run(self) -> None:
+        lost_at: Optional[float] = None  # when the store first failed: it does not come back
         while not self._stop.wait(self.interval_s):
+            self._check_stop_grace()
+            if lost_at is not None:
+                self._check_store_lost(time.monotonic() - lost_at)
+                continue
             try:
                 self._publish()
                 if self.peer_abort() is not None:
+                    self.acknowledge()
                     os._exit(EXIT_PEER_FAILED)
-                self._check_stop_grace()
                 if time.monotonic() - self.progress.since > self.timeout_s:
                     self._check_hang()
-            except Exception:  # noqa: BLE001  a store that went away: the job is ending anyway
+            except Exception:  # noqa: BLE001  the store went away (its host, rank 0 or torchrun's agent, is gone)
                 if self._stop.is_set():
                     return
                 logger.debug("watchdog: store not reachable", exc_info=True)
+                lost_at = time.monotonic()  # no further calls: each failed one prints a C++ warning
+
+    def _check_store_lost(self, lost_s: float) -> None:
+        """The job's store has not answered for `lost_s`: the process hosting it ended, so the job has (a
+        rank's failure or hang printed why). A rank whose main thread is blocked outside a collective (a
+        stalled data loader) would otherwise wait as long as that lasts: exit after the timeout (at least
+        `STORE_LOST_MIN_S`, so that ranks finishing a run a moment after rank 0 are not cut short)."""
+        if lost_s > max(self.timeout_s, STORE_LOST_MIN_S):
+            logger.error("the job's key-value store has not answered for %.0f s, in %s: the job has ended (the "
+                         "rank that failed said why); exiting", lost_s, describe(self.progress.snapshot()))
+            os._exit(EXIT_PEER_FAILED)
 
     def _check_stop_grace(self) -> None:
         """A stop signal arrived and this rank has not moved since for `stop_grace_s` (outside a checkpoint,
@@ -219,5 +274,7 @@ class Watchdog:
         if self.store.compare_set(ABORT_KEY, "", claim).decode() == claim:
             os.write(2, f"error: {line}\n".encode())
             logger.error("%s", line)
+            self._await_acknowledgements()
             os._exit(EXIT_HANG)
+        self.acknowledge()
         os._exit(EXIT_PEER_FAILED)

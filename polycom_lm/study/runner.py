@@ -126,6 +126,12 @@ def torchrun_lifecycle_arguments() -> list[str]:
     return arguments
 
 
+def train_environment() -> dict[str, str]:
+    """The runs' environment: this one, unbuffered, with a fresh store per torchrun attempt (launch/common.sh
+    says why) unless the user chose otherwise."""
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 def write_study_file(spec: StudySpec, runs: list[PlannedRun], selection: Optional[dict]) -> Path:
     """`study.json`: the study's grid and every run with its resolved config (what `compare` reads)."""
     record = {
@@ -186,7 +192,7 @@ def execute(spec: StudySpec, runs: list[PlannedRun], launcher: str, nproc_per_no
         with open(log, "a", encoding="utf-8") as handle:
             handle.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(train_command(run, launcher, nproc_per_node))}\n")
             handle.flush()
-            code, forwarded = _train(train_command(run, launcher, nproc_per_node), handle, dict(os.environ, PYTHONUNBUFFERED="1"))
+            code, forwarded = _train(train_command(run, launcher, nproc_per_node), handle, train_environment())
         seconds = time.perf_counter() - start
         _record_timing(spec, run, seconds, code, status.step, launcher)
         if forwarded is not None:

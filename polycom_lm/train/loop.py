@@ -151,6 +151,7 @@ class Trainer:
                 raise
             peer = self.watchdog.peer_abort()
             if peer is not None and not isinstance(error, PolycomError):
+                self.watchdog.acknowledge()
                 raise PeerStopped(f"stopped because {peer}") from None
             self.watchdog.report_failure(f"{type(error).__name__}: {first_line(error)}")
             if is_collective_failure(error):  # a peer vanished (killed, its node lost): no traceback for that

@@ -3,13 +3,20 @@ test_cluster_life.py), and the watchdog's claim of the abort key through a real 
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch.distributed as dist
 
-from polycom_lm.distributed.watchdog import Progress, Watchdog, diagnose
+from polycom_lm.distributed.watchdog import EXIT_PEER_FAILED, Progress, Watchdog, diagnose
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def _snapshot(step: int, sequence: int, phase: str, age_s: float = 30.0, silent_for_s: float = 0.0) -> dict:
@@ -58,3 +65,50 @@ def test_the_first_rank_to_report_claims_the_abort_and_the_others_read_it():
     second.report_failure("RuntimeError: gloo connection closed")  # too late: the first report stands
     assert second.peer_abort() == "rank 0 failed in 'data' of step 5: DataError: a shard is truncated"
     assert first.peer_abort() is None  # its own report is not another rank's
+
+
+def _master_store() -> tuple[dist.TCPStore, int]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10)), port
+
+
+def test_rank_0_hosting_the_store_waits_for_the_others_to_read_its_abort_before_it_exits():
+    store, _ = _master_store()
+    first, second = (Watchdog(Progress(), 10.0, rank, 2, store=store) for rank in (0, 1))
+    threading.Timer(0.3, lambda: (second.peer_abort() is not None) and second.acknowledge()).start()
+    start = time.monotonic()
+    first.report_failure("DataError: a shard is truncated")
+    waited = time.monotonic() - start
+    assert 0.25 < waited < 2.0, waited  # until rank 1's acknowledgement, not the 3 s deadline
+    start = time.monotonic()
+    Watchdog(Progress(), 10.0, 0, 2, store=dist.PrefixStore("other", store)).report_failure("nobody reads this")
+    assert 2.5 < time.monotonic() - start < 4.5  # nobody acknowledged: two intervals and a second, then go
+
+
+CHILD = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from polycom_lm.distributed import watchdog
+watchdog.STORE_LOST_MIN_S = 1.0
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, is_master=False, timeout=timedelta(seconds=5))
+watchdog.Watchdog(watchdog.Progress(), 5.0, 1, 2, store=store).start()
+print("started", flush=True)
+time.sleep(60)  # a main thread blocked outside any collective (a stalled data loader)
+"""
+
+
+def test_a_rank_blocked_outside_a_collective_exits_once_the_store_is_gone_for_the_timeout():
+    store, port = _master_store()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPOSITORY, env=dict(os.environ, PYTHONPATH=str(REPOSITORY)))
+    assert child.stdout.readline().strip() == "started"
+    while not store.check(["polycom_lm/watchdog/test//rank/1"]):
+        time.sleep(0.05)
+    del store  # the store's host (rank 0's process) is gone
+    gone = time.monotonic()
+    assert child.wait(timeout=30) == EXIT_PEER_FAILED, child.stderr.read()[-3000:]
+    assert 4.0 < time.monotonic() - gone < 12.0  # the 5 s timeout after the first failed call, not the 60 s stall
+    assert "the job's key-value store has not answered" in child.stderr.read()
