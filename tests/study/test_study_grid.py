@@ -120,3 +120,13 @@ def test_launch_commands_of_the_local_and_torchrun_launchers(prepared_data, tmp_
     (run,) = main_runs(load_study(write_study(tmp_path, prepared_data, {"training.seed": [4]})))
     assert train_command(run, "local", 1) == [sys.executable, "-m", "polycom_lm.cli", "train", str(run.config_path), "--no-progress"]
     assert train_command(run, "torchrun", 4)[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+
+
+def test_runs_get_a_fresh_torchrun_store_per_attempt_unless_the_user_chose(monkeypatch):
+    from polycom_lm.study.runner import train_environment
+
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    assert train_environment()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # see launch/common.sh
+    assert train_environment()["PYTHONUNBUFFERED"] == "1"
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")
+    assert train_environment()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"
