@@ -158,6 +158,9 @@ class Watchdog:
         base = store if store is not None else dist.distributed_c10d._get_default_store()
         # Keys of this attempt only: a group that torchrun restarted must not read the abort of the one before.
         self.store = dist.PrefixStore(f"polycom_lm/watchdog/{attempt_token() if store is None else 'test'}/", base)
+        # When a store call first failed: the store does not come back (its host is gone), and every further
+        # call would print another C++ warning with its stack, so none is made.
+        self.lost_at: Optional[float] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="polycom-watchdog", daemon=True)
 
@@ -175,19 +178,25 @@ class Watchdog:
     def report_failure(self, message: str) -> None:
         """This rank failed: tell the others (they stop instead of waiting for the timeout)."""
         line = f"rank {self.rank} failed in {describe(self.progress.snapshot())}: {message}"
+        if self.lost_at is not None:
+            return
         try:
             self.store.compare_set(ABORT_KEY, "", json.dumps({"rank": self.rank, "line": line}))
             self._await_acknowledgements()
         except Exception:  # noqa: BLE001  the store may be gone with the job; the failure itself is what matters
+            self._lose()
             logger.debug("could not publish the failure to the other ranks", exc_info=True)
 
     def peer_abort(self) -> Optional[str]:
         """The line another rank left in the abort key, or None."""
+        if self.lost_at is not None:
+            return None
         try:
             if not self.store.check([ABORT_KEY]):
                 return None
             claimed = json.loads(self.store.get(ABORT_KEY))
         except Exception:  # noqa: BLE001
+            self._lose()
             return None
         return claimed["line"] if claimed.get("rank") != self.rank else None
 
@@ -197,16 +206,18 @@ class Watchdog:
 
     def acknowledge(self) -> None:
         """This rank saw another rank's abort and is exiting (what rank 0 waits for before it exits)."""
+        if self.lost_at is not None:
+            return
         try:
             self.store.set(f"ack/{self.rank}", "1")
         except Exception:  # noqa: BLE001
-            pass
+            self._lose()
 
     def _await_acknowledgements(self) -> None:
         """On rank 0, whose process hosts the workers' store: wait (at most two intervals) for the other
         ranks to read the abort before this process exits and the store with it. A rank blocked outside a
         collective (a stalled loader) then exits at once, silently, instead of when the store's loss counts."""
-        if self.rank != 0:
+        if self.rank != 0 or self.lost_at is not None:
             return
         deadline = time.monotonic() + 2 * self.interval_s + 1.0
         keys = [f"ack/{r}" for r in range(1, self.world_size)]
@@ -215,15 +226,15 @@ class Watchdog:
                 if self.store.check(keys):
                     return
             except Exception:  # noqa: BLE001
+                self._lose()
                 return
             time.sleep(min(self.interval_s / 2, 0.5))
 
     def _run(self) -> None:
-        lost_at: Optional[float] = None  # when the store first failed: it does not come back
         while not self._stop.wait(self.interval_s):
             self._check_stop_grace()
-            if lost_at is not None:
-                self._check_store_lost(time.monotonic() - lost_at)
+            if self.lost_at is not None:
+                self._check_store_lost(time.monotonic() - self.lost_at)
                 continue
             try:
                 self._publish()
@@ -236,7 +247,11 @@ class Watchdog:
                 if self._stop.is_set():
                     return
                 logger.debug("watchdog: store not reachable", exc_info=True)
-                lost_at = time.monotonic()  # no further calls: each failed one prints a C++ warning
+                self._lose()
+
+    def _lose(self) -> None:
+        if self.lost_at is None:
+            self.lost_at = time.monotonic()
 
     def _check_store_lost(self, lost_s: float) -> None:
         """The job's store has not answered for `lost_s`: the process hosting it ended, so the job has (a

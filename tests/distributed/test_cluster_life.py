@@ -184,17 +184,18 @@ def test_slurm_job_trains_is_preempted_by_usr1_requeued_and_the_requeued_job_con
     _assert_equivalent(_numbers(run), single)
 
 
-@pytest.mark.parametrize("nodes", [2, 1])
-def test_a_killed_worker_restarts_the_group_which_resumes_from_latest(prepared_data, tmp_path, single, nodes):
-    """Rank 1 SIGKILLs itself as step 5 starts (checkpoint step_4 is complete; only in the process that
-    started the run). Two "nodes" of one worker each (`launch/torchrun_multi_node.sh`, c10d rendezvous), or
-    one node of two workers (`launch/torchrun_single_node.sh`): torchrun restarts the group once and the new
-    workers resume from `latest` by themselves. Exactly once: with the rendezvous store shared across
+@pytest.mark.parametrize("nodes, killed", [(2, 1), (2, 0), (1, 1)])
+def test_a_killed_worker_restarts_the_group_which_resumes_from_latest(prepared_data, tmp_path, single, nodes, killed):
+    """A rank SIGKILLs itself as step 5 starts (checkpoint step_4 is complete; only in the process that
+    started the run): rank 1, or rank 0, whose process hosts the workers' store. Two "nodes" of one worker
+    each (`launch/torchrun_multi_node.sh`, c10d rendezvous), or one node of two workers
+    (`launch/torchrun_single_node.sh`): torchrun restarts the group once and the new workers resume from
+    `latest` by themselves. Exactly once: with the rendezvous store shared across
     attempts (torchrun's default, which the launchers turn off), the new group read the dead workers'
     addresses and failed to connect, using up a further restart, in 3 of 4 runs here."""
     run = tmp_path / "restarted"
     config = _config(prepared_data, run, tmp_path, "restarted")
-    fault = dict(POLYCOM_LM_FAULT="kill:1:5", MAX_RESTARTS="2")
+    fault = dict(POLYCOM_LM_FAULT=f"kill:{killed}:5", MAX_RESTARTS="2")
     if nodes == 2:
         group = Nodes(config, tmp_path, 2, 1, "training.stop_grace_seconds=2", **fault)
         assert group.wait(timeout=240) == [0, 0], group.output()[-6000:]
@@ -208,7 +209,9 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_latest(prepared_d
                 env=_environment(NPROC_PER_NODE="2", **fault))
             assert process.wait(timeout=240) == 0, log.read_text()[-6000:]
         output = log.read_text()
-    assert "kill at step 5 on rank 1" in output
+    assert f"kill at step 5 on rank {killed}" in output
+    survivor = 1 - killed
+    assert f"error: rank {survivor}: a collective in 'token count all-reduce' of step 5 failed" in output
     assert output.count("initialised gloo process group: rank 0 of 2") == 2, output[-6000:]  # one restart
     assert "resumed from" in output and "checkpoints/step_4 at step 4" in output
     assert "connectFullMesh failed" not in output
