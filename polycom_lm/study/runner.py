@@ -1,4 +1,5 @@
-"""Running a study: each run is `polycom-lm train <its config>` in a subprocess, one after another.
+"""Running a study: each run is `polycom-lm train <its config>` in a subprocess, one after another or
+`jobs` at a time (local runs on a CPU machine: each gets its share of the cores through OMP_NUM_THREADS).
 
 Restartable by construction: a run whose latest checkpoint is at its last step is skipped, an interrupted
 one is started again with the same config and resumes from its latest checkpoint (the trainer does that
@@ -56,24 +57,6 @@ class RunStopped(PolycomError):
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _train(command: list[str], log, environment: dict) -> tuple[int, Optional[int]]:
-    """Run `command`, forwarding the stop signals to it; (its exit status, the signal forwarded or None)."""
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-    received: list[int] = []
-
-    def forward(number: int, frame) -> None:
-        received.append(number)
-        process.send_signal(number)
-
-    previous = {number: signal.signal(number, forward) for number in FORWARDED_SIGNALS}
-    try:
-        code = process.wait()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    return code, (received[0] if received else None)
-
-
 @dataclass(frozen=True)
 class RunStatus:
     state: str  # DONE, PARTIAL or NEW
@@ -126,10 +109,13 @@ def torchrun_lifecycle_arguments() -> list[str]:
     return arguments
 
 
-def train_environment() -> dict[str, str]:
+def train_environment(jobs: int = 1) -> dict[str, str]:
     """The runs' environment: this one, unbuffered, with a fresh store per torchrun attempt (launch/common.sh
-    says why) unless the user chose otherwise."""
-    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+    says why) and, with `jobs` runs at once, the CPU's threads shared between them, unless the user chose."""
+    chosen = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if jobs > 1:
+        chosen["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return {**chosen, **os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def write_study_file(spec: StudySpec, runs: list[PlannedRun], selection: Optional[dict]) -> Path:
@@ -172,41 +158,129 @@ def _record_timing(spec: StudySpec, run: PlannedRun, seconds: float, exit_code: 
 
 
 def execute(spec: StudySpec, runs: list[PlannedRun], launcher: str, nproc_per_node: int,
-            on_event: Callable[[str], None]) -> None:
-    """Train every run that is not finished, in order; a failed run stops the study with `RunFailed`."""
+            on_event: Callable[[str], None], jobs: int = 1) -> None:
+    """Train every run that is not finished, in order, `jobs` at a time; a failed run stops the study
+    (`RunFailed`, once the runs in flight have ended), a stop signal stops every run in flight (`RunStopped`)."""
     for run in runs:
         check_run_folder(run)
     logs = spec.output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for index, run in enumerate(runs, start=1):
-        status = run_status(run)
-        where = f"[{index}/{len(runs)}] {run.phase} run {run.name}"
-        if status.state == DONE:
-            on_event(f"{where}: finished at step {status.step}, skipped")
-            continue
+    with _Trainings(spec, launcher, nproc_per_node, jobs, logs, on_event) as trainings:
+        for index, run in enumerate(runs, start=1):
+            status = run_status(run)
+            where = f"[{index}/{len(runs)}] {run.phase} run {run.name}"
+            if status.state == DONE:
+                on_event(f"{where}: finished at step {status.step}, skipped")
+                continue
+            if not trainings.start(run, where, status):
+                break
+    trainings.raise_if_stopped()
+
+
+@dataclass
+class _Training:
+    run: PlannedRun
+    where: str
+    log: Path
+    handle: object
+    process: subprocess.Popen
+    start_step: int
+    started: float
+
+
+class _Trainings:
+    """The runs in flight (at most `jobs`), each `polycom-lm train` in a subprocess with its log. The stop
+    signals are forwarded to every one of them while the study runs; after a signal or a failure no run
+    starts, and leaving the `with` block waits for those in flight."""
+
+    def __init__(self, spec: StudySpec, launcher: str, nproc_per_node: int, jobs: int, logs: Path,
+                 on_event: Callable[[str], None]):
+        self.spec, self.launcher, self.nproc, self.jobs, self.logs = spec, launcher, nproc_per_node, jobs, logs
+        self.on_event = on_event
+        self.environment = train_environment(jobs)
+        self.running: list[_Training] = []
+        self.received: list[int] = []
+        self.stopped: list[tuple[_Training, int, float]] = []
+        self.failure: Optional[RunFailed] = None
+
+    def __enter__(self) -> "_Trainings":
+        self._previous = {number: signal.signal(number, self._forward) for number in FORWARDED_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            while self.running:
+                self._wait_for_one()
+        finally:
+            for number, handler in self._previous.items():
+                signal.signal(number, handler)
+
+    def _forward(self, number: int, frame) -> None:
+        self.received.append(number)
+        for training in self.running:
+            training.process.send_signal(number)
+
+    def start(self, run: PlannedRun, where: str, status: RunStatus) -> bool:
+        """Start `run` once a slot is free; False (nothing started) after a stop signal or a failed run."""
+        while len(self.running) >= self.jobs and not self._halted():
+            self._wait_for_one()
+        if self._halted():
+            return False
         _write_config(run)
-        log = logs / f"{run.name}.log"
+        log = self.logs / f"{run.name}.log"
         verb = f"resuming at step {status.step}" if status.step else "starting"
-        on_event(f"{where}: {verb} ({run.config.training.max_steps} steps; log {log})")
-        start = time.perf_counter()
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(train_command(run, launcher, nproc_per_node))}\n")
-            handle.flush()
-            code, forwarded = _train(train_command(run, launcher, nproc_per_node), handle, train_environment())
-        seconds = time.perf_counter() - start
-        _record_timing(spec, run, seconds, code, status.step, launcher)
-        if forwarded is not None:
+        self.on_event(f"{where}: {verb} ({run.config.training.max_steps} steps; log {log})")
+        command = train_command(run, self.launcher, self.nproc)
+        handle = open(log, "a", encoding="utf-8")
+        handle.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n")
+        handle.flush()
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=self.environment)
+        self.running.append(_Training(run, where, log, handle, process, status.step, time.perf_counter()))
+        return True
+
+    def _halted(self) -> bool:
+        return bool(self.received) or self.failure is not None
+
+    def _wait_for_one(self) -> None:
+        while True:
+            done = [training for training in self.running if training.process.poll() is not None]
+            if done:
+                break
+            time.sleep(0.2 if self.jobs > 1 else 0.05)
+        for training in done:
+            self.running.remove(training)
+            self._finished(training)
+
+    def _finished(self, training: _Training) -> None:
+        run, code = training.run, training.process.returncode
+        training.handle.close()
+        seconds = time.perf_counter() - training.started
+        _record_timing(self.spec, run, seconds, code, training.start_step, self.launcher)
+        if self.received:
+            self.stopped.append((training, code, seconds))
+        elif code != 0:
+            self.failure = self.failure or RunFailed(
+                f"{run.phase} run {run.name} failed (exit status {code}) after {seconds:.0f} s; its log: "
+                f"{training.log}; run the same study command again to resume it")
+        else:
+            self.on_event(f"{training.where}: done in {seconds:.0f} s")
+            if self.spec.analyze and run.phase == MAIN:
+                _analyze(run, self.logs, self.on_event)
+
+    def raise_if_stopped(self) -> None:
+        if self.received:
+            name = signal.Signals(self.received[0]).name
+            if not self.stopped:
+                raise RunStopped(f"{name} stopped the study between runs; run the same study command again to "
+                                 f"continue it", 128 + self.received[0])
+            training, code, seconds = self.stopped[0]
+            others = f" (and {len(self.stopped) - 1} more run(s) in flight)" if len(self.stopped) > 1 else ""
             raise RunStopped(
-                f"{signal.Signals(forwarded).name} stopped {run.phase} run {run.name} after {seconds:.0f} s (exit status "
-                f"{code}; its log: {log}); run the same study command again to continue it", code or 128 + forwarded)
-        if code != 0:
-            raise RunFailed(
-                f"{run.phase} run {run.name} failed (exit status {code}) after {seconds:.0f} s; its log: {log}; run "
-                f"the same study command again to resume it"
-            )
-        on_event(f"{where}: done in {seconds:.0f} s")
-        if spec.analyze and run.phase == MAIN:
-            _analyze(run, logs, on_event)
+                f"{name} stopped {training.run.phase} run {training.run.name}{others} after {seconds:.0f} s (exit "
+                f"status {code}; its log: {training.log}); run the same study command again to continue it",
+                code or 128 + self.received[0])
+        if self.failure is not None:
+            raise self.failure
 
 
 def _analyze(run: PlannedRun, logs: Path, on_event: Callable[[str], None]) -> None:
@@ -240,10 +314,15 @@ def plan(spec: StudySpec, world_size: int = 1) -> tuple[list[PlannedRun], list[P
 
 
 def run_study(spec: StudySpec, launcher: str = "local", nproc_per_node: Optional[int] = None,
-              only: Optional[str] = None, on_event: Callable[[str], None] = lambda message: None) -> list[PlannedRun]:
-    """Run the study (or only the run named `only`, as a SLURM array task does); returns the main runs run."""
+              only: Optional[str] = None, on_event: Callable[[str], None] = lambda message: None,
+              jobs: int = 1) -> list[PlannedRun]:
+    """Run the study (or only the run named `only`, as a SLURM array task does), `jobs` runs at a time;
+    returns the main runs run."""
     if launcher not in ("local", "torchrun"):
         raise ConfigError(f"launcher {launcher!r} runs nothing itself; choose local or torchrun")
+    if jobs < 1 or (jobs > 1 and launcher != "local"):
+        raise ConfigError(f"--jobs {jobs}: use 1 or more runs at once, and more than 1 only with --launcher local "
+                          f"(torchrun runs use every device of the node)")
     nproc = nproc_per_node or (spec.nproc_per_node if launcher == "torchrun" else 1)
     world_size = nproc if launcher == "torchrun" else 1
     sweep, main, selection = plan(spec, world_size)
@@ -258,7 +337,7 @@ def run_study(spec: StudySpec, launcher: str = "local", nproc_per_node: Optional
     if sweep:
         on_event(f"LR sweep: {len(sweep)} run(s) over {spec.lr_sweep.key} in "
                  f"{', '.join(str(v) for v in lr_values(spec, world_size))}")
-        execute(spec, sweep, launcher, nproc, on_event)
+        execute(spec, sweep, launcher, nproc, on_event, jobs)
     if not main:
         return []
     if spec.lr_sweep is not None:
@@ -278,5 +357,5 @@ def run_study(spec: StudySpec, launcher: str = "local", nproc_per_node: Optional
         main = [run for run in main_runs(spec, chosen, world_size) if run.name in names]
     record = main if only is None else plan(spec, world_size)[1]
     write_study_file(spec, record, selection)
-    execute(spec, main, launcher, nproc, on_event)
+    execute(spec, main, launcher, nproc, on_event, jobs)
     return main

@@ -5,6 +5,7 @@ resumes the interrupted one; the LR sweep picks each variant's learning rate for
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -108,3 +109,59 @@ def test_a_stop_signal_to_the_study_reaches_the_run_in_training_which_saves_and_
     stopped = runner.run_status(run)
     assert stopped.state == runner.PARTIAL and 2 <= stopped.step < 200
     assert [step for step, _ in _rows(run)][-1] == stopped.step
+
+
+def test_jobs_train_several_runs_at_once_each_with_its_share_of_the_cores(prepared_data, tmp_path, monkeypatch):
+    import time
+
+    path = write_study(tmp_path, prepared_data, {"training.seed": [1, 2, 3]},
+                       training={"max_steps": 6, "save_every_steps": 3, "eval_every_steps": 0})
+    spec = load_study(path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
+    events: list[tuple[float, str]] = []
+    runner.run_study(spec, on_event=lambda message: events.append((time.monotonic(), message)), jobs=2)
+    runs = main_runs(spec)
+    assert all(runner.run_status(run) == runner.RunStatus(runner.DONE, 6) for run in runs)
+    assert all([step for step, _ in _rows(run)] == [1, 2, 3, 4, 5, 6] for run in runs)
+    when = {message.split(": ")[0].split(" ")[-1] + (" done" if "done in" in message else " start"): moment
+            for moment, message in events}
+    first, second, third = (run.name for run in runs)
+    assert when[f"{second} start"] < when[f"{first} done"]  # two at once
+    assert when[f"{third} start"] >= min(when[f"{first} done"], when[f"{second} done"])  # never three
+    assert runner.train_environment(2)["OMP_NUM_THREADS"] == "2"  # 4 cores shared by 2 runs
+    with pytest.raises(runner.ConfigError, match="--jobs 2: .*only with --launcher local"):
+        runner.run_study(spec, launcher="torchrun", jobs=2)
+
+
+def test_a_stop_signal_reaches_every_run_in_flight_under_jobs(prepared_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trainer_test_helpers import REPO, cli_environment
+
+    path = write_study(tmp_path, prepared_data, {"training.seed": [1, 2, 3]},
+                       training={"max_steps": 300, "save_every_steps": 0, "eval_every_steps": 0})
+    runs = main_runs(load_study(path))
+    study = subprocess.Popen([sys.executable, "-m", "polycom_lm.cli", "study", str(path), "--jobs", "2"], cwd=REPO,
+                             env=cli_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+
+    def at_step_2(run) -> bool:
+        metrics = run.output_dir / "metrics.jsonl"
+        return metrics.is_file() and '"step": 2,' in metrics.read_text()
+
+    while not (at_step_2(runs[0]) and at_step_2(runs[1])):
+        assert time.monotonic() < deadline and study.poll() is None, "the two runs never reached step 2"
+        time.sleep(0.02)
+    study.send_signal(signal.SIGTERM)
+    output, _ = study.communicate(timeout=120)
+    assert study.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert re.search(rf"stopped: SIGTERM stopped main run ({runs[0].name}|{runs[1].name}) \(and 1 more run\(s\) in flight\)",
+                     output), output[-3000:]
+    for run in runs[:2]:  # both saved where they stopped, resumable
+        stopped = runner.run_status(run)
+        assert stopped.state == runner.PARTIAL and 2 <= stopped.step < 300
+    assert runner.run_status(runs[2]).state == runner.NEW  # not started after the signal
