@@ -57,6 +57,7 @@ class PowerLawFit:
     objective: float  # the minimised Huber sum (divided by δ)
     residuals: np.ndarray  # [points] log L̂ − log L of the fitted points
     converged: bool
+    message: str = ""  # L-BFGS-B's own word on how it stopped (the best start's)
 
     def index(self, group: str) -> int:
         return self.groups.index(group)
@@ -162,7 +163,7 @@ def fit_power_law(groups: Sequence[str], covariates: np.ndarray, losses: np.ndar
     # Back to the covariates' own units: A·(X/s)^(−α) = A·s^α·X^(−α).
     return PowerLawFit(name, names, tuple(covariate_names), np.repeat(E, G) if shared_E else E.copy(),
                        np.exp(log_A) * scale[None, :] ** alpha, alpha.copy(), shared_E, float(best.fun), residuals,
-                       bool(best.success))
+                       bool(best.success), str(best.message))
 
 
 def _starts(start: Optional[PowerLawFit], scale, x, losses, group_index, E_index, lowest, G, J, shared_E):

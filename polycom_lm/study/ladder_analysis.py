@@ -226,7 +226,7 @@ def analyse(points: Sequence[LadderPoint], baseline: Optional[str], draws: int =
         "baseline": baseline, "draws": len(samples), "seeds_per_cell": seeds, "estimate": estimate, "intervals": intervals,
         "targets": {name: values.tolist() for name, values in targets.items()},
         "residual_rms": float(np.sqrt(np.mean(fit.residuals**2))),
-        "residual_max": float(np.max(np.abs(fit.residuals))), "converged": fit.converged,
+        "residual_max": float(np.max(np.abs(fit.residuals))), "converged": fit.converged, "optimiser_message": fit.message,
         "held_out": held_out(points), "fits": {"compute": fit},
         "cells": {"/".join(key): cell for key, cell in cell_means(points).items()},
     }

@@ -104,11 +104,19 @@ def _fit_section(analysis: dict[str, Any], measured: str) -> list[str]:
              f"95% bootstrap intervals over {analysis['draws']} draws (seeds resampled within each size, paired across "
              f"activations, each draw refitted; the draws' spread widened by √(n/(n−1)) for n = "
              f"{analysis['seeds_per_cell']} seeds per cell). Residuals: RMS {100 * analysis['residual_rms']:.2f}% of the loss, largest "
-             f"{100 * analysis['residual_max']:.2f}%{'' if analysis['converged'] else '; the optimiser did not report convergence'}.", ""]
+             f"{100 * analysis['residual_max']:.2f}%{_convergence(analysis)}.", ""]
     lines += _table(["activation", "A", "α", f"Δα = α − α_{baseline}" if baseline else "Δα", "the gap to the baseline"], rows)
     if analysis["draws"] and analysis["draws"] < 100:
         lines += ["", f"Only {analysis['draws']} bootstrap draws: the intervals are rough."]
     return lines
+
+
+def _convergence(analysis: dict[str, Any]) -> str:
+    if analysis["converged"]:
+        return ""
+    message = analysis.get("optimiser_message") or "no message"
+    return (f"; L-BFGS-B stopped without reporting convergence ({message}: on this Huber objective that is "
+            f"usually its line search at machine precision; the residuals above say how well the law fits)")
 
 
 def _multiplier_section(analysis: dict[str, Any], several_budgets: bool) -> list[str]:
