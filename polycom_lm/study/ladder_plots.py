@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from polycom_lm.study import plots
 from polycom_lm.study.ladder_analysis import LadderPoint, cell_means
@@ -19,6 +20,8 @@ plt = plots.plt
 
 def _log_axes(axis, y_log: bool = True) -> None:
     axis.set_xscale("log")
+    # Under about two decades matplotlib labels the minor ticks too, and "3×10¹¹ 4×10¹¹" run into each other.
+    axis.xaxis.set_minor_formatter(NullFormatter())
     if y_log:
         axis.set_yscale("log")
         axis.yaxis.set_major_formatter(plots.PLAIN)
@@ -103,8 +106,7 @@ def residuals(points: Sequence[LadderPoint], analysis: dict[str, Any], palette: 
         axis.scatter([], [], marker="*", s=100, color="white", edgecolors="black",
                      label=f"held out: size {held['size']} predicted by the fit without it")
     axis.axhline(0, color="grey", linewidth=1)
-    axis.set_xscale("log")
-    axis.grid(alpha=0.3, which="both")
+    _log_axes(axis, y_log=False)
     axis.set_xlabel("training compute C (FLOPs)")
     axis.set_ylabel("prediction − observation (% of the loss)")
     axis.set_title("Residuals of L(C) (dots: every run; stars: cell means of the held-out size)")
