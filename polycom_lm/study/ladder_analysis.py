@@ -12,8 +12,9 @@ multipliers against the baseline, a paired bootstrap over seeds and a held-out c
 - Bootstrap: each draw resamples the seeds of every (size, budget) cell with replacement, the same seeds
   for every activation (paired: activations that share a seed share its data order), and refits. 95%
   intervals are the 2.5 / 97.5 percentiles of the draws, their spread widened by sqrt(n/(n − 1)) for n
-  seeds per cell (`interval`); Δα = α − α_baseline "≠ 0" when its interval
-  excludes 0 (Δα > 0: the activation's advantage grows with compute).
+  seeds per cell (`interval`; in log space for A and the multipliers); Δα = α − α_baseline "≠ 0" when its
+  interval excludes 0 (Δα > 0: the activation's loss falls faster with compute than the baseline's, so it
+  gains on it: a lead grows, a deficit shrinks).
 - Held out: the laws fitted without the largest size predict its cells' mean losses.
 """
 
@@ -149,17 +150,26 @@ def bootstrap_samples(points: Sequence[LadderPoint], draws: int, rng: np.random.
         yield sample
 
 
-def interval(values: Sequence[float], estimate: float = math.nan, seeds: int = 0) -> tuple[float, float]:
+def interval(values: Sequence[float], estimate: float = math.nan, seeds: int = 0,
+             positive: bool = False) -> tuple[float, float]:
     """The 2.5 / 97.5 percentiles of bootstrap `values`. With `seeds` per cell (> 1) the draws' spread
     around `estimate` is widened by sqrt(n / (n − 1)): resampling n seeds gives a mean (n − 1)/n of its
-    variance, which with 2 or 3 seeds would make every interval too narrow."""
-    finite = np.array([v for v in values if math.isfinite(v)])
+    variance, which with 2 or 3 seeds would make every interval too narrow. A `positive` quantity (A, a
+    multiplier) is widened in log space, so that its interval stays above 0."""
+    finite = np.array([v for v in values if math.isfinite(v) and (v > 0 or not positive)])
     if not len(finite):
         return math.nan, math.nan
-    if seeds > 1 and math.isfinite(estimate):
-        finite = estimate + math.sqrt(seeds / (seeds - 1)) * (finite - estimate)
+    if seeds > 1 and math.isfinite(estimate) and (estimate > 0 or not positive):
+        widen = math.sqrt(seeds / (seeds - 1))
+        if positive:
+            finite = np.exp(math.log(estimate) + widen * (np.log(finite) - math.log(estimate)))
+        else:
+            finite = estimate + widen * (finite - estimate)
     low, high = np.percentile(finite, INTERVAL)
     return float(low), float(high)
+
+
+POSITIVE_PREFIXES = ("A/", "M/", "local/")  # statistics that are positive by construction
 
 
 def _compute_statistics(fit: PowerLawFit, points: Sequence[LadderPoint], baseline: Optional[str],
@@ -221,7 +231,8 @@ def analyse(points: Sequence[LadderPoint], baseline: Optional[str], draws: int =
         except FitRefused:
             continue
     seeds = min(cell["n"] for cell in cell_means(points).values())
-    intervals = {key: interval([row.get(key, math.nan) for row in samples], estimate[key], seeds) for key in estimate}
+    intervals = {key: interval([row.get(key, math.nan) for row in samples], estimate[key], seeds,
+                               positive=key.startswith(POSITIVE_PREFIXES)) for key in estimate}
     result: dict[str, Any] = {
         "baseline": baseline, "draws": len(samples), "seeds_per_cell": seeds, "estimate": estimate, "intervals": intervals,
         "targets": {name: values.tolist() for name, values in targets.items()},

@@ -91,7 +91,8 @@ def _fit_section(analysis: dict[str, Any], measured: str) -> list[str]:
         verdict = "—"
         if delta in estimate:
             low, high = intervals[delta]
-            verdict = ("grows with compute (Δα > 0)" if low > 0 else "shrinks with compute (Δα < 0)" if high < 0
+            verdict = (f"gains on {baseline} as compute grows (Δα > 0: its loss falls faster)" if low > 0
+                       else f"loses ground to {baseline} as compute grows (Δα < 0: its loss falls slower)" if high < 0
                        else "no evidence that it changes (interval includes 0)") if math.isfinite(low) else "—"
         rows.append([name, _with_interval(estimate[f"A/{name}"], intervals[f"A/{name}"], ".4g"),
                      _with_interval(estimate[f"alpha/{name}"], intervals[f"alpha/{name}"], ".4f"),

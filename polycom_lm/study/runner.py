@@ -177,6 +177,11 @@ def execute(spec: StudySpec, runs: list[PlannedRun], launcher: str, nproc_per_no
     trainings.raise_if_stopped()
 
 
+def _spawn(command: list[str], log, environment: dict) -> subprocess.Popen:
+    """A run's training process, its output into `log` (tests put one in their own process instead)."""
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+
+
 @dataclass
 class _Training:
     run: PlannedRun
@@ -234,7 +239,7 @@ class _Trainings:
         handle = open(log, "a", encoding="utf-8")
         handle.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n")
         handle.flush()
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=self.environment)
+        process = _spawn(command, handle, self.environment)
         self.running.append(_Training(run, where, log, handle, process, status.step, time.perf_counter()))
         return True
 

@@ -71,3 +71,14 @@ def test_delta_alpha_is_nonzero_only_when_the_exponents_differ():
                       "swiglu", draws=60)
     low, high = steeper["intervals"]["delta_alpha/polynorm"]
     assert 0 < low and steeper["estimate"]["delta_alpha/polynorm"] == pytest.approx(0.04, abs=0.015)
+
+
+def test_a_positive_statistic_is_widened_in_log_space_and_stays_positive():
+    from polycom_lm.study.ladder_analysis import interval
+
+    draws = [0.2, 0.5, 1.0, 1.5, 1.9]  # an A or a multiplier, estimate 1.0, 2 seeds per cell
+    low, high = interval(draws, 1.0, seeds=2)
+    assert low < 0  # widened linearly by sqrt(2) it crosses 0, which A and M cannot
+    low, high = interval(draws, 1.0, seeds=2, positive=True)
+    assert 0 < low < 0.2 and high > 1.9
+    assert interval(draws, 1.0, seeds=1, positive=True) == interval(draws, 1.0, seeds=1)  # no widening at n = 1

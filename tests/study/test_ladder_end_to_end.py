@@ -21,17 +21,27 @@ from study_helpers import write_study
 
 @pytest.fixture
 def train_in_process(monkeypatch):
-    """The runner's `train` subprocess (`runner._train([python, -m, polycom_lm.cli, train, ...])`) becomes
-    `cli([train, ...])` in this process."""
+    """The runner's `train` subprocess (`runner._spawn([python, -m, polycom_lm.cli, train, ...])`) becomes
+    `cli([train, ...])` in this process, returning a process that has already ended."""
     launched = []
+
+    class Ended:
+        def __init__(self, returncode: int):
+            self.returncode = returncode
+
+        def poll(self) -> int:
+            return self.returncode
+
+        def send_signal(self, number: int) -> None:
+            pass
 
     def train(command, log, environment):
         assert command[:3] == [sys.executable, "-m", "polycom_lm.cli"] and command[3] == "train", command
         launched.append(command[4])
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            return cli(command[3:]), None  # (exit status, no stop signal forwarded)
+            return Ended(cli(command[3:]))
 
-    monkeypatch.setattr(runner, "_train", train)
+    monkeypatch.setattr(runner, "_spawn", train)
     # The MFU peak (timed 2048³ matmuls, a second a run here) is not what these runs are about.
     monkeypatch.setattr("polycom_lm.train.run.peak_flops", lambda device, precision: PeakFlops(1e11, "fixed in the test"))
     return launched
