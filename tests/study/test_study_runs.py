@@ -111,27 +111,17 @@ def test_a_stop_signal_to_the_study_reaches_the_run_in_training_which_saves_and_
     assert [step for step, _ in _rows(run)][-1] == stopped.step
 
 
-def test_jobs_train_several_runs_at_once_each_with_its_share_of_the_cores(prepared_data, tmp_path, monkeypatch):
-    import time
-
-    path = write_study(tmp_path, prepared_data, {"training.seed": [1, 2, 3]},
-                       training={"max_steps": 6, "save_every_steps": 3, "eval_every_steps": 0})
-    spec = load_study(path)
+def test_jobs_share_the_cores_and_need_the_local_launcher(prepared_data, tmp_path, monkeypatch):
+    spec = load_study(write_study(tmp_path, prepared_data, {"training.seed": [1]}))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
-    events: list[tuple[float, str]] = []
-    runner.run_study(spec, on_event=lambda message: events.append((time.monotonic(), message)), jobs=2)
-    runs = main_runs(spec)
-    assert all(runner.run_status(run) == runner.RunStatus(runner.DONE, 6) for run in runs)
-    assert all([step for step, _ in _rows(run)] == [1, 2, 3, 4, 5, 6] for run in runs)
-    when = {message.split(": ")[0].split(" ")[-1] + (" done" if "done in" in message else " start"): moment
-            for moment, message in events}
-    first, second, third = (run.name for run in runs)
-    assert when[f"{second} start"] < when[f"{first} done"]  # two at once
-    assert when[f"{third} start"] >= min(when[f"{first} done"], when[f"{second} done"])  # never three
     assert runner.train_environment(2)["OMP_NUM_THREADS"] == "2"  # 4 cores shared by 2 runs
-    with pytest.raises(runner.ConfigError, match="--jobs 2: .*only with --launcher local"):
-        runner.run_study(spec, launcher="torchrun", jobs=2)
+    assert "OMP_NUM_THREADS" not in runner.train_environment(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runner.train_environment(2)["OMP_NUM_THREADS"] == "3"  # the user's choice stands
+    for launcher, jobs in (("torchrun", 2), ("local", 0)):
+        with pytest.raises(runner.ConfigError, match=f"--jobs {jobs}: "):
+            runner.run_study(spec, launcher=launcher, jobs=jobs)
 
 
 def test_a_stop_signal_reaches_every_run_in_flight_under_jobs(prepared_data, tmp_path):
@@ -164,4 +154,4 @@ def test_a_stop_signal_reaches_every_run_in_flight_under_jobs(prepared_data, tmp
     for run in runs[:2]:  # both saved where they stopped, resumable
         stopped = runner.run_status(run)
         assert stopped.state == runner.PARTIAL and 2 <= stopped.step < 300
-    assert runner.run_status(runs[2]).state == runner.NEW  # not started after the signal
+    assert runner.run_status(runs[2]).state == runner.NEW  # not started after the signal: never three at once
