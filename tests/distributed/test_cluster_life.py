@@ -189,10 +189,11 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_latest(prepared_d
     """A rank SIGKILLs itself as step 5 starts (checkpoint step_4 is complete; only in the process that
     started the run). Rank 0, whose process hosts the workers' store, on two "nodes" of one worker each
     (`launch/torchrun_multi_node.sh`, c10d rendezvous); rank 1 on one node of two workers
-    (`launch/torchrun_single_node.sh`; rank 1 on two nodes passed 12 of 12 times as well): torchrun restarts the group once and the new workers resume from
-    `latest` by themselves. Exactly once: with the rendezvous store shared across
-    attempts (torchrun's default, which the launchers turn off), the new group read the dead workers'
-    addresses and failed to connect, using up a further restart, in 3 of 4 runs here."""
+    (`launch/torchrun_single_node.sh`; rank 1 on two nodes passed 12 of 12 times as well). torchrun
+    restarts the group once and the new workers resume from `latest` by themselves. Exactly once: with the
+    rendezvous store shared across attempts (torchrun's default, which the launchers turn off), the new
+    group read the dead workers' addresses and failed to connect, using up a further restart, in 3 of 4
+    runs here."""
     run = tmp_path / "restarted"
     config = _config(prepared_data, run, tmp_path, "restarted")
     fault = dict(POLYCOM_LM_FAULT=f"kill:{killed}:5", MAX_RESTARTS="2")
