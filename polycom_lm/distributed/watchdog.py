@@ -178,27 +178,26 @@ class Watchdog:
     def report_failure(self, message: str) -> None:
         """This rank failed: tell the others (they stop instead of waiting for the timeout)."""
         line = f"rank {self.rank} failed in {describe(self.progress.snapshot())}: {message}"
-        if self.lost_at is not None:
-            return
-        try:
-            self.store.compare_set(ABORT_KEY, "", json.dumps({"rank": self.rank, "line": line}))
+        # The store may be gone with the job; the failure itself is what matters.
+        if self._reach(lambda: self.store.compare_set(ABORT_KEY, "", json.dumps({"rank": self.rank, "line": line}))):
             self._await_acknowledgements()
-        except Exception:  # noqa: BLE001  the store may be gone with the job; the failure itself is what matters
-            self._lose()
-            logger.debug("could not publish the failure to the other ranks", exc_info=True)
 
     def peer_abort(self) -> Optional[str]:
         """The line another rank left in the abort key, or None."""
+        claimed = self._reach(lambda: json.loads(self.store.get(ABORT_KEY)) if self.store.check([ABORT_KEY]) else None)
+        return claimed["line"] if claimed is not None and claimed.get("rank") != self.rank else None
+
+    def _reach(self, call, default=None):
+        """`call()` on the store, or `default` once the store is lost: its first failure marks it lost (see
+        `lost_at`), and no further call is made."""
         if self.lost_at is not None:
-            return None
+            return default
         try:
-            if not self.store.check([ABORT_KEY]):
-                return None
-            claimed = json.loads(self.store.get(ABORT_KEY))
-        except Exception:  # noqa: BLE001
+            return call()
+        except Exception:  # noqa: BLE001  the store went away (its host, rank 0 or torchrun's agent, is gone)
+            logger.debug("watchdog: the store did not answer", exc_info=True)
             self._lose()
-            return None
-        return claimed["line"] if claimed.get("rank") != self.rank else None
+            return default
 
     # -- the thread
     def _publish(self) -> None:
@@ -206,28 +205,17 @@ class Watchdog:
 
     def acknowledge(self) -> None:
         """This rank saw another rank's abort and is exiting (what rank 0 waits for before it exits)."""
-        if self.lost_at is not None:
-            return
-        try:
-            self.store.set(f"ack/{self.rank}", "1")
-        except Exception:  # noqa: BLE001
-            self._lose()
+        self._reach(lambda: self.store.set(f"ack/{self.rank}", "1"))
 
     def _await_acknowledgements(self) -> None:
         """On rank 0, whose process hosts the workers' store: wait (at most two intervals) for the other
         ranks to read the abort before this process exits and the store with it. A rank blocked outside a
         collective (a stalled loader) then exits at once, silently, instead of when the store's loss counts."""
-        if self.rank != 0 or self.lost_at is not None:
+        if self.rank != 0:
             return
         deadline = time.monotonic() + 2 * self.interval_s + 1.0
         keys = [f"ack/{r}" for r in range(1, self.world_size)]
-        while time.monotonic() < deadline:
-            try:
-                if self.store.check(keys):
-                    return
-            except Exception:  # noqa: BLE001
-                self._lose()
-                return
+        while not self._reach(lambda: self.store.check(keys), default=True) and time.monotonic() < deadline:
             time.sleep(min(self.interval_s / 2, 0.5))
 
     def _run(self) -> None:

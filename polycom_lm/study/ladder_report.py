@@ -116,8 +116,7 @@ def _convergence(analysis: dict[str, Any]) -> str:
     if analysis["converged"]:
         return ""
     message = analysis.get("optimiser_message") or "no message"
-    return (f"; L-BFGS-B stopped without reporting convergence ({message}: on this Huber objective that is "
-            f"usually its line search at machine precision; the residuals above say how well the law fits)")
+    return f"; L-BFGS-B stopped without reporting convergence ({message}; the residuals say how well the law fits)"
 
 
 def _multiplier_section(analysis: dict[str, Any], several_budgets: bool) -> list[str]:
