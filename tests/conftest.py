@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ for _folder in ("train", "distributed", "checkpoint", "eval", "pretrained"):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+# Every training run (and each rank of one) would otherwise time its MFU peak with 1024³ and 2048³ matmuls at
+# start-up: about 1.3 s of CPU each, a few minutes over the suite. The measurement itself is tested in
+# test_mfu.py and test_logging_outputs.py with this unset. Exported, so that subprocesses inherit it.
+os.environ.setdefault("POLYCOM_LM_PEAK_FLOPS", "1e12")
 
 _WORDS = (
     "the a one two three red green blue cat dog bird tree river stone small large quick slow runs jumps sees "

@@ -92,6 +92,16 @@ def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
             into[key] = value
 
 
+def _skip_shared_memory_all_reduce() -> None:
+    """On a CPU, DeepSpeed's communication backend compiles and loads a shared-memory all-reduce op when it
+    starts (about 50 s of g++ the first time) that only its inference path calls (`inference_all_reduce`):
+    ZeRO training reduces through torch.distributed. Marked incompatible, the op is neither built nor loaded.
+    DeepSpeed keeps the one compatibility dict it probed, so the mark holds for the process."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 @ENGINES.register("deepspeed")
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO 1/2/3 data parallelism."""
@@ -117,6 +127,8 @@ class DeepSpeedEngine(Engine):
         super().__init__(config, device, mesh)
         import deepspeed
 
+        if device.type == "cpu":
+            _skip_shared_memory_all_reduce()
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self._engine: Optional[Any] = None
         self._stepped = False

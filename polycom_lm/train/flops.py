@@ -4,7 +4,9 @@ The numerator comes from `polycom_lm.models.flops.training_flops_per_token` (the
 forward+backward FLOPs, attention included, only the active experts of an MoE). The peak comes from a
 table of dense bf16 / tf32 tensor-core peaks for known accelerators, or, for devices not in the table
 (CPUs in particular), from matmuls timed at start-up in the run's precision: 1024³ and 2048³, best of
-several repeats each (a busy core measured once can be slow by a third). The log says which. Should the
+several repeats each (a busy core measured once can be slow by a third; about a second on a CPU), or from
+`POLYCOM_LM_PEAK_FLOPS` (FLOP/s per device, e.g. `2.5e11`) where the user knows the figure: an accelerator the
+table lacks, a CPU measured once for many short runs. The log says which. Should the
 run's own matmul rate still beat that (MFU over 100%), the trainer raises the peak to the rate it
 achieved and logs it, so MFU is never above 100%.
 """
@@ -12,12 +14,17 @@ achieved and logs it, so MFU is never above 100%.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
+from polycom_lm.errors import ConfigError
+
 logger = logging.getLogger(__name__)
+
+PEAK_ENVIRONMENT = "POLYCOM_LM_PEAK_FLOPS"
 
 # Dense (no sparsity) peaks in FLOP/s per device: (name fragment, bf16 peak, fp32 peak). The fp32 peak is
 # the TF32 tensor-core rate, the fastest an fp32 run can go. Vendor data sheets; SXM variants unless the
@@ -89,6 +96,11 @@ def measure_matmul_flops(
 
 def peak_flops(device: torch.device, precision: str) -> PeakFlops:
     """The per-device peak that MFU is measured against, logged with where it came from."""
+    given = os.environ.get(PEAK_ENVIRONMENT, "").strip()
+    if given:
+        result = PeakFlops(_positive_rate(given), f"{PEAK_ENVIRONMENT}={given}")
+        logger.info("MFU peak: %.1f GFLOP/s per device from %s", result.flops_per_second / 1e9, result.source)
+        return result
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = lookup_peak(name, precision)
@@ -103,6 +115,16 @@ def peak_flops(device: torch.device, precision: str) -> PeakFlops:
     result = PeakFlops(measured, f"{name} measured {dtype} matmuls 1024^3 and 2048^3, best of 3 each, of ATen and the model's linear")
     logger.info("MFU peak: %.1f GFLOP/s measured at start-up (%s)", measured / 1e9, result.source)
     return result
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = float("nan")
+    if not rate > 0 or rate == float("inf"):
+        raise ConfigError(f"{PEAK_ENVIRONMENT}={text!r}: not a peak rate; give FLOP/s per device as a positive number, e.g. 989e12")
+    return rate
 
 
 def training_flops_per_token(model_config, seq_len: int) -> float:

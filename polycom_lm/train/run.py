@@ -156,6 +156,7 @@ def run_training(
     device = resolve_device(config.training.device)
 
     stop_requests = StopRequests(config.training.stop_signals, config.training.time_limit)
+    peak = peak_flops(device, config.training.precision)  # a bad POLYCOM_LM_PEAK_FLOPS fails before any write
     engine = build_engine(config, device)
     callbacks: list[Callback] = []
     dataset = None
@@ -244,7 +245,6 @@ def run_training(
             write_checkpoint(checkpoints_dir, step, write_contents, rank=rank, barrier=_barrier, keep_last=keep_last)
 
         flops_per_token = training_flops_per_token(config.model, config.training.seq_len)
-        peak = peak_flops(device, config.training.precision)
         trainer = Trainer(
             config, engine, layout, dataset, state,
             build_schedule(config.schedule, config.training.max_steps, layout.tokens_per_step),

@@ -168,7 +168,10 @@ def engine_step(engine: Engine, batch: torch.Tensor, micro_batches: int, fused_c
 def run_worker(nproc: int, scenario: str, output: Path, *extra: str, timeout_s: int = 300, worker: Path = WORKER) -> None:
     """Launch `worker SCENARIO OUTPUT ...` (default `engine_worker.py`) on `nproc` gloo processes with torchrun."""
     environment = dict(os.environ)
-    environment.setdefault("OMP_NUM_THREADS", "1")
+    # One thread per rank, whatever the caller's OMP_NUM_THREADS: several ranks with several OpenMP threads
+    # each on a small machine spin against each other (4 ranks x 2 threads on 2 cores made the pp 4
+    # launch 4x slower).
+    environment["OMP_NUM_THREADS"] = "1"
     environment.setdefault("TORCH_EXTENSIONS_DIR", str(REPOSITORY / ".cache" / "torch_extensions"))
     environment["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), str(HERE), environment.get("PYTHONPATH", "")])
     command = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 
 from polycom_lm.train import run_training
@@ -46,7 +47,8 @@ def test_wandb_offline_tensorboard_and_profiler_write_their_files(prepared_data,
     assert (output / "profile" / "trace_rank0.json").stat().st_size > 0
 
 
-def test_peak_table_and_measured_fallback():
+def test_peak_table_and_measured_fallback(monkeypatch):
+    monkeypatch.delenv("POLYCOM_LM_PEAK_FLOPS", raising=False)
     assert lookup_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert lookup_peak("NVIDIA H100 PCIe", "bf16") == 756e12
     assert lookup_peak("NVIDIA A100-SXM4-80GB", "fp32") == 156e12
@@ -54,3 +56,18 @@ def test_peak_table_and_measured_fallback():
     assert lookup_peak("Some Future Chip", "bf16") is None
     measured = peak_flops(torch.device("cpu"), "fp32")
     assert "measured" in measured.source and measured.flops_per_second > 1e8
+
+
+def test_peak_from_the_environment_and_a_bad_one_is_refused_before_any_write(prepared_data, monkeypatch, tmp_path):
+    from polycom_lm.errors import ConfigError
+
+    monkeypatch.setenv("POLYCOM_LM_PEAK_FLOPS", "2.5e11")
+    given = peak_flops(torch.device("cpu"), "bf16")
+    assert given.flops_per_second == 2.5e11 and given.source == "POLYCOM_LM_PEAK_FLOPS=2.5e11"
+    for bad in ("fast", "0", "-3e11", "inf", "nan"):
+        monkeypatch.setenv("POLYCOM_LM_PEAK_FLOPS", bad)
+        with pytest.raises(ConfigError, match="POLYCOM_LM_PEAK_FLOPS=.*positive number"):
+            peak_flops(torch.device("cpu"), "fp32")
+    with pytest.raises(ConfigError, match="POLYCOM_LM_PEAK_FLOPS='nan'"):
+        run_training(load(run_config(prepared_data, tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

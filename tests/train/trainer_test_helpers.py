@@ -60,7 +60,7 @@ def load(raw: dict, overrides: list[str] | None = None):
 
 def cli_environment() -> dict[str, str]:
     environment = dict(os.environ)
-    environment.setdefault("OMP_NUM_THREADS", "1")
+    environment["OMP_NUM_THREADS"] = "1"  # also under torchrun: ranks x threads must not exceed the cores
     environment["WANDB_MODE"] = "disabled"
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         environment.pop(key, None)
