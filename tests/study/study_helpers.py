@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,3 +33,27 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]], config: Optional[di
     resolved = config_from_dict(config or {})
     (run_dir / "config.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def spawn_in_process(launched: list):
+    """A stand-in for `runner._spawn([python, -m, polycom_lm.cli, train, ...])`: `cli([train, ...])` in this
+    process, returning a process that has already ended; each run's config path is appended to `launched`."""
+    from polycom_lm.cli import main as cli
+
+    class Ended:
+        def __init__(self, returncode: int):
+            self.returncode = returncode
+
+        def poll(self) -> int:
+            return self.returncode
+
+        def send_signal(self, number: int) -> None:
+            pass
+
+    def train(command, log, environment):
+        assert command[:3] == [sys.executable, "-m", "polycom_lm.cli"] and command[3] == "train", command
+        launched.append(command[4])
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return Ended(cli(command[3:]))
+
+    return train

@@ -5,9 +5,7 @@ same CLI call; tests/study/test_study_runs.py covers the subprocesses), to keep 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 
 import pytest
 
@@ -15,36 +13,8 @@ from polycom_lm.cli import main as cli
 from polycom_lm.study import runner
 from polycom_lm.study.grid import main_runs
 from polycom_lm.study.spec import load_study
-from polycom_lm.train.flops import PeakFlops
 from study_helpers import write_study
 
-
-@pytest.fixture
-def train_in_process(monkeypatch):
-    """The runner's `train` subprocess (`runner._spawn([python, -m, polycom_lm.cli, train, ...])`) becomes
-    `cli([train, ...])` in this process, returning a process that has already ended."""
-    launched = []
-
-    class Ended:
-        def __init__(self, returncode: int):
-            self.returncode = returncode
-
-        def poll(self) -> int:
-            return self.returncode
-
-        def send_signal(self, number: int) -> None:
-            pass
-
-    def train(command, log, environment):
-        assert command[:3] == [sys.executable, "-m", "polycom_lm.cli"] and command[3] == "train", command
-        launched.append(command[4])
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            return Ended(cli(command[3:]))
-
-    monkeypatch.setattr(runner, "_spawn", train)
-    # The MFU peak (timed 2048³ matmuls, a second a run here) is not what these runs are about.
-    monkeypatch.setattr("polycom_lm.train.run.peak_flops", lambda device, precision: PeakFlops(1e11, "fixed in the test"))
-    return launched
 
 SIZES = {
     "xs": {"model.d_model": 16, "model.n_layers": 1, "model.n_heads": 2, "model.ffn_hidden_size": 32},
