@@ -33,8 +33,14 @@ TOKENS = FuncFormatter(_tokens_text)
 
 
 def colours(variants: list[str]) -> dict[str, Any]:
-    palette = plt.get_cmap("tab10")
-    return {variant: palette(index % 10) for index, variant in enumerate(variants)}
+    """A distinct colour per variant: matplotlib's tab10 up to 10 variants, tab20 up to 20, and beyond that
+    (a ladder's sizes × activations) evenly spaced along matplotlib's turbo map, whose two ends differ."""
+    if len(variants) <= 10:
+        return {variant: plt.get_cmap("tab10")(index) for index, variant in enumerate(variants)}
+    if len(variants) <= 20:
+        return {variant: plt.get_cmap("tab20")(index) for index, variant in enumerate(variants)}
+    spread = plt.get_cmap("turbo")
+    return {variant: spread((index + 0.5) / len(variants)) for index, variant in enumerate(variants)}
 
 
 def smooth(values: np.ndarray) -> np.ndarray:

@@ -138,3 +138,12 @@ def test_large_values_are_written_in_scientific_notation():
     assert Difference(56241228.5, 27928052.4).text() == "+5.624e+07 ± 2.793e+07"
     assert Difference(-0.03951, 0.0086).text() == "-0.0395 ± 0.0086"
     assert Summary(10296.4, 115.2, 3).text(0) == "10296 ± 115"
+
+
+@pytest.mark.parametrize("count", [5, 12, 30])
+def test_every_variant_of_a_study_gets_its_own_colour(count):
+    """A ladder's 30 variants (6 sizes × 5 activations) once shared tab10's 10 colours, 3 bars each."""
+    from polycom_lm.study.plots import colours
+
+    palette = colours([f"variant-{index}" for index in range(count)])
+    assert len({tuple(round(channel, 3) for channel in colour) for colour in palette.values()}) == count
