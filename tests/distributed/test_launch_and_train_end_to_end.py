@@ -103,6 +103,21 @@ def numbers(metrics: Path) -> dict[int, tuple[float, float]]:
     return {row["step"]: (row["loss"], row["grad_norm"]) for row in read_metrics(metrics) if row["kind"] == "train"}
 
 
+def assert_resumes_on_one_process(raw: dict, config_path: Path, checkpoint: Path, expected: dict, norm_relative=None,
+                                  relative: float = 1e-5) -> None:
+    """`raw` (written to `config_path`) resumed on one process from the multi-rank `checkpoint` of step 2
+    logs steps 3 and 4 with the uninterrupted run's losses (and gradient norms, given `norm_relative`)."""
+    from polycom_lm.config import load_config
+    from polycom_lm.train import run_training
+
+    continued = numbers(run_training(load_config(write(config_path, raw)), resume=str(checkpoint)).metrics_path)
+    assert sorted(continued) == [3, 4]
+    for step in (3, 4):
+        assert continued[step][0] == pytest.approx(expected[step][0], rel=relative), f"step {step} loss"
+        if norm_relative is not None:
+            assert continued[step][1] == pytest.approx(expected[step][1], rel=norm_relative), f"step {step} grad norm"
+
+
 @pytest.fixture(scope="module")
 def runs(prepared_data, tmp_path_factory) -> dict[str, Path]:
     from polycom_lm.config import load_config
@@ -131,17 +146,10 @@ def test_two_rank_training_reproduces_the_single_process_run(runs, engine):
 
 
 def test_tp2_run_resumes_on_one_process_with_the_uninterrupted_losses(runs, prepared_data):
-    from polycom_lm.config import load_config
-    from polycom_lm.train import run_training
-
     root = runs["root"]
-    config = load_config(write(root / "from_tp2.yaml", run_config(prepared_data, root / "from_tp2")))
-    result = run_training(config, resume=str(runs["fsdp_tp2"] / "checkpoints" / "step_2"))
-    continued = numbers(result.metrics_path)
-    expected = numbers(runs["single"] / "metrics.jsonl")
-    assert sorted(continued) == [3, 4]
-    for step in (3, 4):
-        assert continued[step][0] == pytest.approx(expected[step][0], rel=1e-5)
+    assert_resumes_on_one_process(run_config(prepared_data, root / "from_tp2"), root / "from_tp2.yaml",
+                                  runs["fsdp_tp2"] / "checkpoints" / "step_2", numbers(runs["single"] / "metrics.jsonl"),
+                                  norm_relative=1e-4)
 
 
 def test_consolidated_checkpoints_of_every_engine_load_into_the_plain_model(runs, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine_harness import REPOSITORY
-from test_launch_and_train_end_to_end import launch, numbers, write
+from test_launch_and_train_end_to_end import assert_resumes_on_one_process, launch, numbers, write
 
 pytestmark = pytest.mark.slow
 
@@ -88,18 +88,10 @@ def test_pp2_downstream_rows_match_the_single_process_run(runs):
 
 
 def test_pp2_checkpoint_resumes_on_one_process_with_the_uninterrupted_losses(runs, prepared_data):
-    from polycom_lm.config import load_config
-    from polycom_lm.train import run_training
-
     root = runs["root"]
-    config = load_config(write(root / "from_pp2.yaml", run_config(prepared_data, root / "from_pp2")))
-    result = run_training(config, resume=str(runs["pp2"] / "checkpoints" / "step_2"))
-    continued = numbers(result.metrics_path)
-    expected = numbers(runs["single"] / "metrics.jsonl")
-    assert sorted(continued) == [3, 4]
-    for step in (3, 4):
-        assert continued[step][0] == pytest.approx(expected[step][0], rel=1e-6)
-        assert continued[step][1] == pytest.approx(expected[step][1], rel=1e-5)
+    assert_resumes_on_one_process(run_config(prepared_data, root / "from_pp2"), root / "from_pp2.yaml",
+                                  runs["pp2"] / "checkpoints" / "step_2", numbers(runs["single"] / "metrics.jsonl"),
+                                  relative=1e-6, norm_relative=1e-5)
 
 
 def test_pp2_checkpoint_consolidates_and_loads_like_the_single_process_one(runs, tmp_path):
