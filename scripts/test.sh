@@ -6,7 +6,7 @@
 # a file's module-scoped fixtures, e.g. one torchrun launch for many tests, run once): as many workers as
 # cores, at most 4. Much of the suite waits on subprocesses (interpreter start-up, rendezvous, signals),
 # so two workers on two cores cut its time by about a quarter. In-process tests use two OpenMP threads
-# (measured on 2 cores: 553 s for the suite, against 648 s with one, as the workers often wait); the
+# (measured on 2 cores: 522 s for the suite, against 648 s with one, as the workers often wait); the
 # multi-process tests give each rank one. TEST_WORKERS=0 runs everything in this one process (e.g. pdb).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -14,6 +14,7 @@ achieved and logs it, so MFU is never above 100%.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -121,8 +122,8 @@ def _positive_rate(text: str) -> float:
     try:
         rate = float(text)
     except ValueError:
-        rate = float("nan")
-    if not rate > 0 or rate == float("inf"):
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
         raise ConfigError(f"{PEAK_ENVIRONMENT}={text!r}: not a peak rate; give FLOP/s per device as a positive number, e.g. 989e12")
     return rate
 

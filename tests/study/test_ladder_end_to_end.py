@@ -28,7 +28,7 @@ def _ladder(sizes: dict) -> dict:
             "lr": {"rule": "power", "exponent": -0.3333, "reference_parameters": 20000}, "fit": {"bootstrap": 20}}
 
 
-def test_tiny_ladder_runs_through_study_and_compare(prepared_data, tmp_path, capsys, train_in_process):
+def test_tiny_ladder_runs_through_study_and_compare(prepared_data, tmp_path, capsys, runner_trains_in_process):
     path = write_study(tmp_path, prepared_data, {"model.activation": ["swiglu", "polynorm"], "training.seed": [0, 1]},
                        name="tiny_ladder", ladder=_ladder(SIZES),
                        training={"eval_every_steps": 0, "save_every_steps": 100, "log_every_steps": 1})
@@ -37,7 +37,7 @@ def test_tiny_ladder_runs_through_study_and_compare(prepared_data, tmp_path, cap
     dry = capsys.readouterr().out
     assert "size-xs_activation-swiglu_seed-0" in dry and "12 runs" in dry
     assert cli(["study", str(path)]) == 0
-    assert len(train_in_process) == 12
+    assert len(runner_trains_in_process) == 12
     report = (spec.output_dir / "report" / "report.md").read_text()
     for heading in ("## Scaling ladder (tiny_ladder)", "### Fit: L(C) = E + A·C^(−α)",
                     "### Effective compute multiplier against swiglu", "### Held-out check",

@@ -60,7 +60,7 @@ def test_restart_skips_the_finished_run_and_resumes_the_interrupted_one(prepared
     assert [run["name"] for run in study["runs"]] == [first.name, second.name]
 
 
-def test_lr_sweep_chooses_the_learning_rate_of_the_main_runs(prepared_data, tmp_path, capsys, train_in_process):
+def test_lr_sweep_chooses_the_learning_rate_of_the_main_runs(prepared_data, tmp_path, capsys, runner_trains_in_process):
     """The sweep's runs and the main run train in this process (the subprocesses are the other tests')."""
     path = write_study(tmp_path, prepared_data, {"model.activation": ["polynorm"], "training.seed": [3]},
                        select_lr=True, lr_sweep={"values": [1e-4, 3e-2], "overrides": {"training.max_steps": 3}},
@@ -79,7 +79,7 @@ def test_lr_sweep_chooses_the_learning_rate_of_the_main_runs(prepared_data, tmp_
     assert runner.run_status(run).state == runner.DONE
     saved = (run.output_dir / "config.yaml").read_text()
     assert f"lr: {float(best)}" in saved
-    assert len(train_in_process) == 3  # 2 sweep runs, 1 main run
+    assert len(runner_trains_in_process) == 3  # 2 sweep runs, 1 main run
     report = (spec.output_dir / "report" / "report.md").read_text()
     assert "## Learning-rate selection (toy)" in report and "(edge of the sweep)" in report
 

@@ -136,11 +136,9 @@ def train_rows(metrics_path: Path) -> list[dict]:
 
 def train_in_process(capsys, config_path, *arguments: str) -> tuple[int, str]:
     """`polycom-lm train CONFIG ARGUMENTS --no-progress` in this process: (exit status, last stderr line)."""
-    from polycom_lm.cli import main
-
-    code = main(["train", str(config_path), *arguments, "--no-progress"])
-    error = capsys.readouterr().err.strip().splitlines()
-    return code, error[-1] if error else ""
+    completed = run_cli_here(capsys, "train", str(config_path), *arguments, "--no-progress", check=False)
+    error = completed.stderr.strip().splitlines()
+    return completed.returncode, error[-1] if error else ""
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
